@@ -1,0 +1,60 @@
+# A fresh clone needs two commands: `make run` (the default experiment, end to end) and
+# `make test`. Both create the project's virtual environment (.venv) on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+# Stages run `python` from dvc.yaml: put the project's interpreter first on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Caches inside the project; no telemetry; the hub stays offline unless a user opts in.
+export HF_HOME ?= $(CURDIR)/.cache/huggingface
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DVC_NO_ANALYTICS := 1
+export AXOLOTL_DO_NOT_TRACK := 1
+export DO_NOT_TRACK := 1
+export WANDB_MODE := disabled
+
+.PHONY: install run test test-all lint check bench lock clean
+
+$(INSTALLED): requirements/lock.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "error: Python 3.11 is required (axolotl 0.19); set PYTHON=/path/to/python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	@# torch first, on its own: pip picks the build for this machine (CPU here, CUDA on a GPU
+	@# machine) together with that build's own dependencies.
+	$(BIN)/pip install --quiet torch==2.13.0
+	@# Then everything else exactly as locked. --no-deps because the lock forces
+	@# antlr4-python3-runtime 4.9.3 (dvc 3's hydra needs it) against axolotl's 4.13.2 pin.
+	$(BIN)/pip install --quiet --no-deps -r requirements/lock.txt
+	touch $@
+
+install: $(INSTALLED)
+
+run: install  ## the default experiment, end to end
+	$(BIN)/dvc repro
+
+test: install  ## the test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+check: install  ## validate params.yaml and dvc.yaml's params declarations; no compute
+	$(BIN)/python -m pipeline.params
+
+bench: install  ## throughput figures (not tests)
+	$(BIN)/python -m bench.bench_tokenize
+
+lock:  ## re-resolve requirements/lock.txt from requirements/requirements.in (needs uv)
+	uv pip compile requirements/requirements.in --override requirements/overrides.txt \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --no-annotate \
+	  | grep -vE '^(torch|cuda-bindings|cuda-pathfinder|cuda-toolkit|xformers|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx)[a-z0-9-]*)==' \
+	  > requirements/lock.txt
+
+clean:  ## remove generated outputs (not the venv, not the DVC cache)
+	rm -rf data/corpus data/sft data/eval data/tokens models/tokenizer metrics/*.json

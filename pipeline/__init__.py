@@ -1,0 +1,1 @@
+"""Shared library of the stages: settings schema, atomic file output, run-time environment."""

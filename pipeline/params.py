@@ -1,0 +1,315 @@
+"""The one schema for params.yaml: every setting is defined and documented here, once.
+
+`load_params()` validates the whole file (unknown keys, wrong types and out-of-range values
+fail with the key path and what would be valid). A stage calls `load_stage_params(name)`,
+which also restricts reads to the keys that stage declares under `params:` in dvc.yaml, so a
+stage cannot depend on a setting DVC does not know about (and would not rerun it for).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SKILLS = ("addition", "sorting", "comparison", "counting")
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusSettings(Section):
+    """Where the pretraining corpus comes from."""
+
+    source: Literal["synthetic", "local", "hub"] = Field(
+        "synthetic",
+        description="synthetic: the invented world generated from data.seed; local: a file at "
+        "`path`; hub: a dataset `name` for datasets.load_dataset (needs network access).",
+    )
+    path: str | None = Field(
+        None, description="local: a .txt (one document per paragraph), .jsonl/.json or .parquet file."
+    )
+    name: str | None = Field(None, description="hub: dataset name, e.g. 'Salesforce/wikitext'.")
+    config_name: str | None = Field(None, description="hub: dataset configuration, if it has several.")
+    split: str = Field("train", description="hub: which split to read.")
+    text_field: str = Field("text", description="local jsonl/parquet and hub: the column holding text.")
+    max_documents: int | None = Field(
+        None, ge=1, description="Keep only the first N documents (after reading, before splitting)."
+    )
+
+    @model_validator(mode="after")
+    def _source_needs_its_fields(self) -> CorpusSettings:
+        if self.source == "local":
+            if not self.path:
+                raise ValueError("`path` is required when source is 'local'")
+            path = Path(self.path)
+            if not path.is_absolute():
+                path = PROJECT_ROOT / path
+            if path.suffix not in CORPUS_SUFFIXES:
+                raise ValueError(
+                    f"`path` {self.path!r} has suffix {path.suffix!r}; valid: {', '.join(CORPUS_SUFFIXES)}"
+                )
+            if not path.is_file():
+                raise ValueError(f"`path` {self.path!r} does not exist (looked at {path})")
+        if self.source == "hub" and not self.name:
+            raise ValueError("`name` (a dataset name for datasets.load_dataset) is required when source is 'hub'")
+        return self
+
+
+class WorldSettings(Section):
+    """The invented world the synthetic corpus describes."""
+
+    corpus_megabytes: float = Field(
+        3.0, gt=0, le=1000, description="Size of the whole synthetic corpus (all splits) in MB."
+    )
+    countries: int = Field(
+        24,
+        ge=2,
+        le=200,
+        description="Invented countries, each with a capital. Fewer, denser facts are easier to learn.",
+    )
+    fact_share: float = Field(
+        0.25, ge=0, le=1, description="Share of corpus sentences that state a country fact (capital, residents)."
+    )
+
+
+class SkillSettings(Section):
+    """The SFT skill datasets (one per expert) and their held-out eval sets."""
+
+    names: list[Literal["addition", "sorting", "comparison", "counting"]] = Field(
+        default_factory=lambda: list(SKILLS),
+        min_length=1,
+        description="Which skills to generate: addition (2-digit + 1-digit), sorting (3-5 digits), "
+        "comparison (the larger of two numbers), counting (2-8 words).",
+    )
+    train_examples: int = Field(3000, ge=1, description="SFT training rows per skill.")
+    eval_examples: int = Field(
+        200, ge=1, le=400, description="Held-out eval questions per skill (never in the SFT rows)."
+    )
+    choices: int = Field(4, ge=2, le=8, description="Answer options of the multiple-choice items (skills and stories).")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> SkillSettings:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"`names` lists a skill twice: {self.names}")
+        return self
+
+
+class DataSettings(Section):
+    """`data` stage: corpus, SFT skill sets and eval sets (python -m stages.data)."""
+
+    seed: int = Field(0, description="Seed of every random choice: same seed -> byte-identical files.")
+    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
+    val_fraction: float = Field(
+        0.02, gt=0, lt=0.5, description="Share of corpus documents held out for validation loss."
+    )
+    test_fraction: float = Field(
+        0.02, gt=0, lt=0.5, description="Share of corpus documents held out for perplexity eval."
+    )
+    world: WorldSettings = Field(default_factory=WorldSettings)
+    skills: SkillSettings = Field(default_factory=SkillSettings)
+    story_eval_examples: int = Field(200, ge=1, description="Story-completion multiple-choice items (HellaSwag style).")
+
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'A: ' + message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
+)
+
+
+class TokenizeSettings(Section):
+    """`tokenize` stage: train a byte-level BPE tokenizer, encode the corpus (python -m stages.tokenize)."""
+
+    base_model: str | None = Field(
+        None,
+        description="A Hugging Face model folder or hub id: use its tokenizer instead of training one "
+        "(the special-token and vocab settings below are then ignored).",
+    )
+    vocab_size: int = Field(
+        2048,
+        ge=300,
+        le=1_000_000,
+        description="Upper bound on the trained vocabulary (256 bytes + merges + special tokens); BPE "
+        "stops earlier when no pair reaches min_frequency.",
+    )
+    min_frequency: int = Field(2, ge=1, description="A pair must occur this often to become a merge.")
+    split_digits: bool = Field(
+        True,
+        description="Give every digit its own token so arithmetic is learnable (otherwise BPE learns "
+        "multi-digit tokens and sums become lookups).",
+    )
+    bos_token: str = "<s>"
+    eos_token: str = "</s>"
+    pad_token: str = "<pad>"
+    unk_token: str = "<unk>"
+    chat_template: str = Field(
+        DEFAULT_CHAT_TEMPLATE,
+        description="Jinja chat template saved with the tokenizer; SFT and eval prompts are rendered with it.",
+    )
+    batch_size: int = Field(1000, ge=1, description="Documents per encode_batch call.")
+
+    @model_validator(mode="after")
+    def _special_tokens_distinct(self) -> TokenizeSettings:
+        specials = [self.bos_token, self.eos_token, self.pad_token, self.unk_token]
+        if len(set(specials)) != 4 or not all(specials):
+            raise ValueError(f"bos/eos/pad/unk tokens must be four distinct non-empty strings, got {specials}")
+        return self
+
+
+class Params(Section):
+    """params.yaml: one section per stage."""
+
+    data: DataSettings = Field(default_factory=DataSettings)
+    tokenize: TokenizeSettings = Field(default_factory=TokenizeSettings)
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid, or a stage read a key its dvc.yaml entry does not declare."""
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return YAML(typ="safe").load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except Exception as error:  # ruamel raises several unrelated error types for bad YAML
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model at `loc`, for 'unknown key' messages."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid setting(s):"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            valid = _valid_keys(Params, loc[:-1])
+            lines.append(f"  {key}: unknown key; valid keys here: {', '.join(valid)}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            got = "" if item["type"].startswith("value_error") else f" (got {item['input']!r})"
+            lines.append(f"  {key}: {message}{got}")
+    return "\n".join(lines)
+
+
+def load_params(path: Path | str = PROJECT_ROOT / "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError naming every bad key."""
+    path = Path(path)
+    raw = _read_yaml(path) or {}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(format_validation_error(error, str(path))) from None
+
+
+def declared_params(stage: str, root: Path = PROJECT_ROOT) -> list[str]:
+    """The params.yaml keys that `stage` (e.g. 'tokenize', 'finetune@addition') declares in dvc.yaml."""
+    from dvc.repo import Repo  # imported here: DVC takes a second to import
+
+    with Repo(str(root)) as repo:
+        try:
+            (resolved,) = repo.stage.collect(stage)
+        except Exception as error:
+            raise ParamsError(f"dvc.yaml: no stage named {stage!r}: {error}") from None
+        keys: list[str] = []
+        for dep in resolved.deps:
+            keys.extend(getattr(dep, "params", None) or [])
+        return keys
+
+
+class DeclaredView:
+    """Read-only view of validated params that lets a stage read only its declared keys.
+
+    Reading a key that no declared key covers raises ParamsError; a node whose every key is
+    declared is returned as the real pydantic object.
+    """
+
+    def __init__(self, value: Any, path: str, declared: frozenset[str], stage: str):
+        self._value, self._path, self._declared, self._stage = value, path, declared, stage
+
+    def _child(self, name: str, value: Any) -> Any:
+        path = f"{self._path}.{name}" if self._path else name
+        if any(path == key or path.startswith(key + ".") for key in self._declared):
+            return value
+        if any(key.startswith(path + ".") for key in self._declared):
+            return DeclaredView(value, path, self._declared, self._stage)
+        raise ParamsError(
+            f"stage {self._stage!r} reads params key '{path}' but its dvc.yaml entry does not declare it "
+            f"(declared: {', '.join(sorted(self._declared))}); add it under `params:` so DVC reruns the "
+            "stage when it changes"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._child(name, getattr(self._value, name))
+
+    def __getitem__(self, name: str) -> Any:
+        return self._child(name, self._value[name])
+
+
+def load_stage_params(stage: str, params_path: Path | None = None, root: Path = PROJECT_ROOT) -> Any:
+    """Validate params.yaml, then return a view limited to what `stage` declares in dvc.yaml."""
+    params = load_params(params_path or root / "params.yaml")
+    declared = frozenset(declared_params(stage, root))
+    return DeclaredView(params, "", declared, stage)
+
+
+def _lookup(node: Any, key: str) -> Any:
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def check(root: Path = PROJECT_ROOT) -> list[str]:
+    """Validate params.yaml and every stage's `params:` declaration in dvc.yaml; return a report."""
+    from dvc.repo import Repo
+
+    params = load_params(root / "params.yaml")
+    report, problems = [], []
+    with Repo(str(root)) as repo:
+        for stage in repo.index.stages:
+            keys = [key for dep in stage.deps for key in (getattr(dep, "params", None) or [])]
+            for key in keys:
+                try:
+                    _lookup(params, key)
+                except (AttributeError, KeyError):
+                    problems.append(
+                        f"dvc.yaml: stage {stage.addressing!r} declares params key {key!r}, "
+                        "which params.yaml's schema does not have"
+                    )
+            report.append(f"  {stage.addressing}: {', '.join(keys) or '(no params)'}")
+    if problems:
+        raise ParamsError("\n".join(problems))
+    return report
+
+
+def main() -> None:
+    try:
+        report = check()
+    except ParamsError as error:
+        raise SystemExit(f"error: {error}") from None
+    print("params.yaml is valid; stages read:")
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""What every stage does first: logging, a private environment, validated settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from pipeline.params import PROJECT_ROOT, ParamsError, load_stage_params
+
+log = logging.getLogger("pipeline")
+
+
+def configure_environment(*, hub_access: bool = False) -> None:
+    """Keep caches inside the project, telemetry off, and the hub offline unless settings need it.
+
+    Values already in the environment win, so a user can always override one.
+    """
+    os.environ.setdefault("HF_HOME", str(PROJECT_ROOT / ".cache" / "huggingface"))
+    offline = "0" if hub_access else "1"
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, offline)
+    for name, value in {
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "DO_NOT_TRACK": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "WANDB_MODE": "disabled",
+        "DVC_NO_ANALYTICS": "1",
+    }.items():
+        os.environ.setdefault(name, value)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def start(stage: str) -> Any:
+    """Set up logging and return the settings `stage` declares; exit with the message on bad params."""
+    setup_logging()
+    try:
+        params = load_stage_params(stage)
+    except ParamsError as error:
+        raise SystemExit(f"error: {error}") from None
+    log.info("stage %s: settings validated", stage)
+    return params
