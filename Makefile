@@ -34,7 +34,8 @@ $(INSTALLED): requirements/lock.txt
 
 install: $(INSTALLED)
 
-run: install  ## the default experiment, end to end
+run: install  ## the default experiment, end to end (settings are validated before any stage runs)
+	$(BIN)/python -m pipeline.params
 	$(BIN)/dvc repro
 
 test: install  ## the test suite (what CI runs)

@@ -95,7 +95,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def encode_split(tokenizer: Any, texts: list[str], out_path: Path, batch_size: int, dtype: np.dtype) -> int:
+def encode_split(
+    tokenizer: Any, texts: list[str], out_path: Path, batch_size: int, dtype: np.dtype, progress: bool = True
+) -> int:
     """Write every document as [bos] ids [eos] to `out_path`; return the number of tokens.
 
     Calls the Rust tokenizer's encode_batch directly: it runs on all cores and skips the
@@ -105,7 +107,10 @@ def encode_split(tokenizer: Any, texts: list[str], out_path: Path, batch_size: i
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     n_tokens = 0
-    with open(out_path, "wb") as handle, tqdm(total=len(texts), desc=f"encode {out_path.stem}", unit="doc") as bar:
+    with (
+        open(out_path, "wb") as handle,
+        tqdm(total=len(texts), desc=f"encode {out_path.stem}", unit="doc", disable=not progress) as bar,
+    ):
         for start_index in range(0, len(texts), batch_size):
             batch = texts[start_index : start_index + batch_size]
             ids: list[int] = []

@@ -1,0 +1,159 @@
+"""The params.yaml schema: the shipped file validates; every bad input names its key."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+from ruamel.yaml import YAML
+
+from pipeline.params import (
+    PROJECT_ROOT,
+    DeclaredView,
+    Params,
+    ParamsError,
+    check,
+    declared_params,
+    load_params,
+)
+
+
+def write_params(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_for(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ParamsError) as raised:
+        load_params(write_params(tmp_path, text))
+    return str(raised.value)
+
+
+def test_shipped_params_are_valid_and_every_declared_key_exists():
+    params = load_params()
+    assert params.data.corpus.source == "synthetic"
+    report = check()
+    assert any(line.strip().startswith("tokenize:") for line in report)
+
+
+def test_shipped_params_spell_out_every_setting_dvc_tracks():
+    """DVC only sees keys written in params.yaml: a default changed in the schema would not rerun a stage."""
+    raw = YAML(typ="safe").load((PROJECT_ROOT / "params.yaml").read_text())
+
+    def missing(model, values, prefix=""):
+        for name in type(model).model_fields:
+            if name not in values:
+                yield prefix + name
+            elif isinstance(getattr(model, name), BaseModel):
+                yield from missing(getattr(model, name), values[name], f"{prefix}{name}.")
+
+    params = Params.model_validate(raw)
+    allowed_defaults = {
+        "data.corpus.path",
+        "data.corpus.name",
+        "data.corpus.config_name",
+        "data.corpus.split",
+        "data.corpus.text_field",
+        "data.corpus.max_documents",
+    }
+    assert set(missing(params, raw)) <= allowed_defaults
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    params = load_params(write_params(tmp_path, ""))
+    assert params.tokenize.vocab_size == 2048
+
+
+def test_unknown_key_names_path_and_valid_keys(tmp_path):
+    message = error_for(tmp_path, "data:\n  world:\n    contries: 3\n")
+    assert "data.world.contries: unknown key" in message
+    assert "countries" in message and "corpus_megabytes" in message
+
+
+def test_unknown_section(tmp_path):
+    message = error_for(tmp_path, "pretrian:\n  steps: 3\n")
+    assert "pretrian: unknown key" in message and "tokenize" in message
+
+
+def test_wrong_type_and_range_are_both_reported(tmp_path):
+    message = error_for(tmp_path, "tokenize:\n  vocab_size: many\ndata:\n  val_fraction: 0.7\n")
+    assert "tokenize.vocab_size" in message and "'many'" in message
+    assert "data.val_fraction" in message and "less than 0.5" in message
+    assert "2 invalid setting(s)" in message
+
+
+def test_invalid_choice_lists_valid_ones(tmp_path):
+    message = error_for(tmp_path, "data:\n  corpus:\n    source: web\n")
+    assert "data.corpus.source" in message and "'synthetic', 'local' or 'hub'" in message
+
+
+def test_unknown_skill(tmp_path):
+    message = error_for(tmp_path, "data:\n  skills:\n    names: [addition, poetry]\n")
+    assert "data.skills.names.1" in message and "'counting'" in message
+
+
+def test_duplicate_skill(tmp_path):
+    assert "twice" in error_for(tmp_path, "data:\n  skills:\n    names: [addition, addition]\n")
+
+
+@pytest.mark.parametrize(
+    ("corpus", "expected"),
+    [
+        ("{source: local}", "`path` is required"),
+        ("{source: local, path: nowhere/corpus.txt}", "does not exist"),
+        ("{source: local, path: corpus.csv}", "valid: .txt, .jsonl, .json, .parquet"),
+        ("{source: hub}", "`name`"),
+    ],
+)
+def test_corpus_source_needs_its_fields(tmp_path, corpus, expected):
+    message = error_for(tmp_path, f"data:\n  corpus: {corpus}\n")
+    assert "data.corpus" in message and expected in message
+
+
+def test_special_tokens_must_differ(tmp_path):
+    message = error_for(tmp_path, "tokenize:\n  pad_token: '</s>'\n")
+    assert "tokenize" in message and "distinct" in message
+
+
+def test_not_yaml(tmp_path):
+    assert "not valid YAML" in error_for(tmp_path, "data: [unclosed\n")
+
+
+def test_declared_params_come_from_dvc_yaml():
+    assert declared_params("tokenize") == ["tokenize"]
+    assert declared_params("data") == ["data"]
+    with pytest.raises(ParamsError, match="no stage named 'pretrainn'"):
+        declared_params("pretrainn")
+
+
+def test_view_allows_declared_keys_and_refuses_others():
+    params = load_params()
+    view = DeclaredView(params, "", frozenset({"tokenize", "data.world.countries"}), "demo")
+    assert view.tokenize is params.tokenize  # fully declared: the real object
+    assert view.data.world.countries == 24
+    with pytest.raises(ParamsError, match=r"reads params key 'data.seed'.*add it under `params:`"):
+        _ = view.data.seed
+    with pytest.raises(ParamsError, match="'data.world.fact_share'"):
+        _ = view.data.world.fact_share
+
+
+def test_make_check_cli_reports_bad_key(tmp_path):
+    """`python -m pipeline.params` (what `make check` runs) exits non-zero naming the key."""
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT_ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")
+    (project / "params.yaml").write_text("tokenize:\n  vocab_size: -3\n")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=project, check=True)
+    result = subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=project, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "tokenize.vocab_size" in result.stderr and "greater than or equal to 300" in result.stderr
+
+    (project / "params.yaml").write_text("tokenize:\n  vocab_size: 500\n")
+    result = subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "params.yaml is valid" in result.stdout and "tokenize: tokenize" in result.stdout
