@@ -1,0 +1,746 @@
+"""`pretrain` stage: a small Llama (or Mixtral MoE) trained from scratch in plain PyTorch.
+
+    python -m stages.pretrain --tokens data/tokens --tokenizer models/tokenizer \
+        --model models/pretrain --checkpoints models/pretrain_checkpoints \
+        --live metrics/pretrain --samples metrics/pretrain_samples.md --metrics metrics/pretrain.json
+
+    torchrun --nproc_per_node=2 -m stages.pretrain ...     (same arguments; DDP or FSDP)
+
+Inputs: the token files and tokenizer of the tokenize stage.
+Outputs:
+- model/: a Hugging Face model folder (safetensors, config, generation config, tokenizer, model card).
+- checkpoints/: resumable state every `checkpoint_interval` steps. A rerun with the same
+  settings continues from the newest one and ends with the same weights as an uninterrupted
+  run (bitwise on CPU with fixed threads). DVC keeps this folder between runs (`persist`).
+- live/: dvclive curves (train loss, lr, grad norm, tokens/s, MFU; val loss, perplexity, accuracy).
+- samples: greedy and sampled generations at step 0 and at the end, as markdown.
+- metrics: final summary JSON (stable numbers only; timings live in the curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.atomic import atomic_dir, dumps_json, write_json, write_text
+from pipeline.params import ModelSettings, PretrainSettings
+from pipeline.stage import configure_environment, start
+
+log = logging.getLogger("stages.pretrain")
+
+# The one label value the loss ignores; the batch builder writes it wherever a position must
+# not train (padding). Both use this constant, so they cannot disagree.
+IGNORE_INDEX = -100
+VOCAB_MULTIPLE = 64  # embedding rows are padded to this multiple: faster matmuls, same tokens
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite."""
+
+
+# Model
+
+
+def padded_vocab_size(n_tokens: int) -> int:
+    return math.ceil(n_tokens / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def model_config(settings: ModelSettings, tokenizer: Any) -> Any:
+    from transformers import LlamaConfig, MixtralConfig
+
+    common = dict(
+        vocab_size=padded_vocab_size(len(tokenizer)),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads,
+        num_key_value_heads=settings.num_kv_heads,
+        max_position_embeddings=settings.max_position_embeddings,
+        rope_theta=settings.rope_theta,
+        tie_word_embeddings=settings.tie_embeddings,
+        attention_dropout=settings.dropout,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if settings.architecture == "mixtral":
+        config = MixtralConfig(
+            **common,
+            num_local_experts=settings.num_experts,
+            num_experts_per_tok=settings.experts_per_token,
+            router_aux_loss_coef=settings.router_aux_loss_coef,
+            output_router_logits=True,
+        )
+    else:
+        config = LlamaConfig(**common)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_model(settings: ModelSettings, tokenizer: Any) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(model_config(settings, tokenizer), attn_implementation="sdpa")
+
+
+def flops_per_token(settings: ModelSettings, model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters (active ones for MoE) + attention.
+
+    The standard estimate (Kaplan et al.; PaLM appendix B): 6N for forward and backward through
+    the weight matrices, plus 12 * layers * hidden * seq_len for attention scores and values.
+    The input embedding is a lookup, not a matmul, so it counts only when tied to the head.
+    """
+    n = 0
+    for name, parameter in model.named_parameters():
+        if "embed_tokens" in name and not settings.tie_embeddings:
+            continue
+        count = parameter.numel()
+        if ".experts." in name:  # only experts_per_token of num_experts run for each token
+            count = count * settings.experts_per_token // settings.num_experts
+        n += count
+    return 6 * n + 12 * settings.num_layers * settings.hidden_size * seq_len
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Achievable matmul FLOP/s of this device: the ceiling MFU is measured against."""
+    size = 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    repeats, started = 5, time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+# Data
+
+
+class BatchSampler:
+    """Training sequences drawn at random from the flat token file.
+
+    All ranks draw every optimizer step's sequences from one generator with the same seed and
+    keep their own slice, so N processes see exactly the sequences one process would.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, mode: str, special_ids: dict[str, int], seed: int):
+        self.tokens, self.seq_len, self.mode = tokens, seq_len, mode
+        self.bos, self.eos, self.pad = special_ids["bos"], special_ids["eos"], special_ids["pad"]
+        if len(tokens) <= seq_len + 1:
+            raise ValueError(f"the training split has {len(tokens)} tokens: too few for seq_len {seq_len}")
+        self.starts = np.flatnonzero(tokens == self.bos) if mode == "documents" else None
+        if mode == "documents" and not len(self.starts):
+            raise ValueError("sampling 'documents' needs BOS tokens in the token file; none found")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sequence(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        window = self.tokens[start : start + self.seq_len + 1].astype(np.int64)
+        if len(window) < self.seq_len + 1:  # a document near the end of the file
+            window = np.concatenate([window, np.full(self.seq_len + 1 - len(window), self.pad)])
+        inputs, targets = window[:-1].copy(), window[1:].copy()
+        if self.mode == "documents":
+            ends = np.flatnonzero(inputs == self.eos)
+            if len(ends):  # the document ends inside the window: pad after it, train on none of it
+                end = ends[0]
+                inputs[end + 1 :] = self.pad
+                targets[end:] = IGNORE_INDEX
+        return inputs, targets
+
+    def next_batch(self, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "documents":
+            picks = torch.randint(0, len(self.starts), (n_sequences,), generator=self.generator)
+            starts = self.starts[picks.numpy()]
+        else:
+            starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (n_sequences,), generator=self.generator)
+        pairs = [self.sequence(int(s)) for s in starts]
+        return (
+            torch.from_numpy(np.stack([p[0] for p in pairs])),
+            torch.from_numpy(np.stack([p[1] for p in pairs])),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def validation_batches(
+    tokens: np.ndarray, seq_len: int, micro_batch_size: int, max_batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive non-overlapping windows from the start of the val split: the same every eval."""
+    n_windows = min((len(tokens) - 1) // seq_len, micro_batch_size * max_batches)
+    if n_windows < 1:
+        raise ValueError(f"the val split has {len(tokens)} tokens: too few for one window of seq_len {seq_len}")
+    batches = []
+    for first in range(0, n_windows, micro_batch_size):
+        rows = range(first, min(first + micro_batch_size, n_windows))
+        windows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int64) for i in rows])
+        batches.append((torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])))
+    return batches
+
+
+# Optimization
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): sign of an
+    interpolated momentum, decoupled weight decay. Use ~3-10x smaller learning rates than AdamW."""
+
+    def __init__(self, params: Any, lr: float, betas: tuple[float, float], weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                momentum = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = momentum.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                momentum.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+
+
+def build_optimizer(model: torch.nn.Module, settings: PretrainSettings) -> torch.optim.Optimizer:
+    """Weight decay on matrices only: decaying norms' gains and biases only hurts."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": settings.weight_decay},
+        {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    betas = (settings.beta1, settings.beta2)
+    if settings.optimizer == "lion":
+        return Lion(groups, lr=settings.learning_rate, betas=betas)
+    # fused needs every parameter on one device type that supports it; DTensors (FSDP) use foreach
+    fused = all(p.device.type in ("cuda", "cpu") and type(p) is torch.nn.Parameter for p in parameters)
+    return torch.optim.AdamW(groups, lr=settings.learning_rate, betas=betas, fused=fused)
+
+
+def lr_factor(settings: PretrainSettings) -> Callable[[int], float]:
+    """Learning rate at each step, as a share of the peak (for LambdaLR)."""
+    warmup, total, floor = settings.warmup_steps, settings.max_steps, settings.min_lr_ratio
+
+    def cosine(progress: float, high: float, low: float) -> float:
+        return low + (high - low) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+    def factor(step: int) -> float:
+        if settings.schedule == "constant":
+            return min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if settings.schedule == "one_cycle":
+            if step < warmup:  # cosine rise from peak/25 (as torch's OneCycleLR) to the peak
+                return cosine(step / warmup, 1 / 25, 1.0)
+            return cosine((step - warmup) / max(1, total - warmup), 1.0, floor)
+        if step < warmup:
+            return (step + 1) / warmup
+        return cosine((step - warmup) / max(1, total - warmup), 1.0, floor)
+
+    return factor
+
+
+# Loss and evaluation
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose target is not IGNORE_INDEX (targets are pre-shifted)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def forward_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(loss to backpropagate, router load-balancing loss or nan for dense models)."""
+    output = model(input_ids=inputs)
+    loss = causal_lm_loss(output.logits, targets)
+    aux = getattr(output, "aux_loss", None)
+    if aux is not None:
+        config = model.config if hasattr(model, "config") else model.module.config
+        loss = loss + config.router_aux_loss_coef * aux
+        return loss, aux.item()
+    return loss, float("nan")
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, autocast: Any
+) -> dict[str, float]:
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast():
+            logits = model(input_ids=inputs).logits
+        mask = targets != IGNORE_INDEX
+        n = int(mask.sum())
+        total_loss += float(causal_lm_loss(logits, targets)) * n
+        correct += int((logits.argmax(-1) == targets)[mask].sum())
+        count += n
+    model.train()
+    loss = total_loss / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / count}
+
+
+@torch.no_grad()
+def generate_samples(
+    model: torch.nn.Module, tokenizer: Any, settings: PretrainSettings, device: torch.device
+) -> list[dict[str, str]]:
+    """Greedy and sampled continuations of the fixed prompts, without touching training RNG."""
+    model.eval()
+    samples = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed)
+        for prompt in settings.sample_prompts:
+            inputs = tokenizer(prompt, return_tensors="pt").to(device)
+            common = dict(max_new_tokens=settings.sample_max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            greedy = model.generate(**inputs, do_sample=False, **common)
+            sampled = model.generate(
+                **inputs, do_sample=True, temperature=settings.sample_temperature, top_k=settings.sample_top_k, **common
+            )
+            prompt_length = inputs["input_ids"].shape[1]
+            samples.append(
+                {
+                    "prompt": prompt,
+                    "greedy": tokenizer.decode(greedy[0, prompt_length:], skip_special_tokens=True),
+                    "sampled": tokenizer.decode(sampled[0, prompt_length:], skip_special_tokens=True),
+                }
+            )
+    model.train()
+    return samples
+
+
+def samples_markdown(by_step: dict[int, list[dict[str, str]]]) -> str:
+    lines = ["# Pretraining samples", "", "Continuations of the fixed prompts in `params.yaml` (prompt in bold).", ""]
+    for step, samples in sorted(by_step.items()):
+        lines += [f"## Step {step}", ""]
+        for sample in samples:
+            lines.append(f"- greedy: **{sample['prompt']}**{sample['greedy']}")
+            lines.append(f"- sampled: **{sample['prompt']}**{sample['sampled']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# Distributed
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> Distributed:
+    """Join the process group when launched by torchrun (it sets WORLD_SIZE/RANK/LOCAL_RANK)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    dist = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(dist.local_rank)
+        torch.distributed.init_process_group(backend=backend)
+    return dist
+
+
+def full_model_state(model: torch.nn.Module, dist: Distributed) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU (gathered from all ranks under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not dist.enabled:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Distributed) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if not dist.enabled:
+        return optimizer.state_dict()
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict, dist: Distributed
+) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if not dist.enabled:
+        model.load_state_dict(weights, strict=False)  # tied head weights may be listed once
+        optimizer.load_state_dict(optimizer_state)
+        return
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+# Checkpoints
+
+
+def settings_fingerprint(settings: PretrainSettings, tokens_meta: dict, world_size: int) -> str:
+    """What a checkpoint must match to be resumed (changing anything here starts afresh)."""
+    payload = {"settings": settings.model_dump(mode="json"), "tokens": tokens_meta, "world_size": world_size}
+    return hashlib.sha256(dumps_json(payload).encode()).hexdigest()[:16]
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in directory.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name)))
+
+
+def save_checkpoint(directory: Path, step: int, weights: dict, state: dict, keep: int) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(directory / f"step-{step:06d}") as tmp:
+        unique: dict[int, tuple[str, torch.Tensor]] = {}
+        for name, tensor in weights.items():  # tied weights (embedding = head) are stored once
+            unique.setdefault(tensor.data_ptr(), (name, tensor.contiguous()))
+        save_file(dict(unique.values()), tmp / "model.safetensors")
+        torch.save(state, tmp / "trainer_state.pt")
+    for old in checkpoint_steps(directory)[:-keep]:
+        shutil.rmtree(directory / f"step-{old:06d}")
+
+
+def load_latest_checkpoint(directory: Path, fingerprint: str) -> tuple[dict, dict] | None:
+    from safetensors.torch import load_file
+
+    steps = checkpoint_steps(directory) if directory.is_dir() else []
+    if not steps:
+        return None
+    path = directory / f"step-{steps[-1]:06d}"
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    if state["fingerprint"] != fingerprint:
+        log.info("checkpoint %s was made with other settings or data: starting afresh", path)
+        return None
+    log.info("resuming from %s", path)
+    return load_file(path / "model.safetensors"), state
+
+
+# Training
+
+
+@dataclass
+class Outputs:
+    model_dir: Path
+    checkpoint_dir: Path
+    live_dir: Path
+    samples_path: Path
+
+
+def autocast_context(settings: PretrainSettings, device: torch.device) -> Callable[[], Any]:
+    use_bf16 = settings.precision == "bf16" or (
+        settings.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if use_bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def model_card(settings: PretrainSettings, summary: dict[str, Any], n_params: int) -> str:
+    rows = "\n".join(f"| `{key}` | {value} |" for key, value in sorted(summary.items()))
+    return f"""# Pretrained {settings.model.architecture} ({n_params / 1e6:.2f}M parameters)
+
+Trained from scratch by this project's `pretrain` stage (`python -m stages.pretrain`) on the
+token files of the `tokenize` stage. Load it with
+`AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.
+
+## Final metrics
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Settings (`pretrain` in params.yaml)
+
+```json
+{dumps_json(settings.model_dump(mode="json"))}```
+"""
+
+
+def replay_history(live: Any, history: list[dict[str, Any]]) -> None:
+    """Write logged records to dvclive, e.g. after a resume, so the curves have no gap."""
+    for record in history:
+        live.step = record["step"]
+        for name, value in record["metrics"].items():
+            live.log_metric(name, value)
+    if history:
+        live.make_summary()
+
+
+def run(
+    settings: PretrainSettings,
+    tokens_dir: Path,
+    tokenizer_dir: Path,
+    outputs: Outputs,
+    dist: Distributed | None = None,
+) -> dict[str, Any]:
+    """Train (or resume), write every output on rank 0, and return the summary metrics."""
+    from dvclive import Live
+    from transformers import AutoTokenizer, GenerationConfig
+
+    dist = dist or init_distributed()
+    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+    threads = settings.threads or (max(1, (os.cpu_count() or 1) // dist.world_size) if dist.enabled else None)
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+
+    meta = json.loads((tokens_dir / "meta.json").read_text())
+    per_step = settings.micro_batch_size * settings.seq_len * dist.world_size
+    if settings.batch_tokens % per_step:
+        raise SystemExit(
+            f"error: pretrain.batch_tokens {settings.batch_tokens} is not a multiple of micro_batch_size * seq_len "
+            f"* world size = {per_step}; change batch_tokens or micro_batch_size"
+        )
+    accumulation = settings.batch_tokens // per_step
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    train_tokens = np.memmap(tokens_dir / "train.bin", dtype=meta["dtype"], mode="r")
+    val_tokens = np.memmap(tokens_dir / "val.bin", dtype=meta["dtype"], mode="r")
+    special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    sampler = BatchSampler(train_tokens, settings.seq_len, settings.sampling, special, settings.seed)
+    val_batches = validation_batches(val_tokens, settings.seq_len, settings.micro_batch_size, settings.eval_max_batches)
+
+    torch.manual_seed(settings.seed)
+    raw_model = build_model(settings.model, tokenizer).to(device)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops = flops_per_token(settings.model, raw_model, settings.seq_len)
+    if settings.gradient_checkpointing:
+        raw_model.gradient_checkpointing_enable()
+    model: torch.nn.Module = raw_model
+    if dist.enabled and settings.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in raw_model.model.layers:
+            fully_shard(layer)
+        fully_shard(raw_model)
+    elif dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            raw_model, device_ids=[dist.local_rank] if device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(raw_model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings))
+    if settings.compile:
+        model = torch.compile(model)
+    autocast = autocast_context(settings, device)
+    peak_flops = settings.peak_flops or measure_peak_flops(
+        device, torch.bfloat16 if autocast is not contextlib.nullcontext else torch.float32
+    )
+
+    fingerprint = settings_fingerprint(settings, meta, dist.world_size)
+    history: list[dict[str, Any]] = []
+    samples: dict[int, list[dict[str, str]]] = {}
+    start_step = 0
+    resumed = load_latest_checkpoint(outputs.checkpoint_dir, fingerprint)
+    if resumed:
+        weights, state = resumed
+        load_full_state(raw_model, optimizer, weights, state["optimizer"], dist)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step, history = state["step"], state["history"]
+        samples = {int(k): v for k, v in state["samples"].items()}
+    elif dist.is_main and outputs.checkpoint_dir.exists():
+        shutil.rmtree(outputs.checkpoint_dir)  # checkpoints of other settings: never resume them
+
+    live = Live(dir=str(outputs.live_dir), save_dvc_exp=False, dvcyaml=False, report=None) if dist.is_main else None
+    if live:
+        replay_history(live, history)
+    log.info(
+        "%s: %.2fM parameters, %d steps of %d tokens (%d x %d x %d accumulation x %d processes), %.0f GFLOP/s peak",
+        settings.model.architecture, n_params / 1e6, settings.max_steps, settings.batch_tokens,
+        settings.micro_batch_size, settings.seq_len, accumulation, dist.world_size, peak_flops / 1e9,
+    )  # fmt: skip
+    if 0 not in samples:
+        samples[0] = generate_samples(raw_model, tokenizer, settings, device)
+
+    def record(step: int, metrics: dict[str, float]) -> None:
+        history.append({"step": step, "metrics": metrics})
+        if live:
+            live.step = step
+            for name, value in metrics.items():
+                live.log_metric(name, value)
+            live.make_summary()
+
+    def checkpoint(step: int) -> None:
+        weights = full_model_state(raw_model, dist)
+        optimizer_state = full_optimizer_state(raw_model, optimizer, dist)
+        if dist.is_main:
+            state = {
+                "step": step,
+                "fingerprint": fingerprint,
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "history": history,
+                "samples": samples,
+            }
+            save_checkpoint(outputs.checkpoint_dir, step, weights, state, settings.keep_checkpoints)
+        if dist.enabled:
+            torch.distributed.barrier()
+
+    if start_step == 0:  # every rank evaluates: under FSDP each one takes part in the forward
+        record(0, {f"val/{k}": v for k, v in evaluate(model, val_batches, device, autocast).items()})
+
+    model.train()
+    window_started, window_tokens = time.perf_counter(), 0
+    progress = tqdm(
+        total=settings.max_steps, initial=start_step, desc="pretrain", unit="step", disable=not dist.is_main
+    )
+    for step in range(start_step, settings.max_steps):
+        inputs, targets = sampler.next_batch(settings.batch_tokens // settings.seq_len)
+        # this rank's share, as accumulation x micro-batch
+        inputs = inputs.view(dist.world_size, accumulation, settings.micro_batch_size, -1)[dist.rank]
+        targets = targets.view(dist.world_size, accumulation, settings.micro_batch_size, -1)[dist.rank]
+        loss_sum, aux_sum = 0.0, 0.0
+        for micro in range(accumulation):
+            last = micro == accumulation - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync, autocast():
+                loss, aux = forward_loss(model, inputs[micro].to(device), targets[micro].to(device))
+                (loss / accumulation).backward()
+            loss_sum += loss.item() / accumulation
+            aux_sum += aux / accumulation
+        clip = settings.grad_clip if settings.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip))
+        if dist.enabled:
+            reduced = torch.tensor([loss_sum, aux_sum], device=device)
+            torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.AVG)
+            loss_sum, aux_sum = reduced.tolist()
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            kept = checkpoint_steps(outputs.checkpoint_dir) if outputs.checkpoint_dir.is_dir() else []
+            raise TrainingDiverged(
+                f"pretrain diverged at step {step + 1}: loss {loss_sum}, gradient norm {grad_norm}. "
+                + (f"The last good checkpoint (step {kept[-1]}) is kept in {outputs.checkpoint_dir}. " if kept else "")
+                + "Lower pretrain.learning_rate or raise pretrain.warmup_steps."
+            )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        window_tokens += settings.batch_tokens
+        progress.update()
+        done = step + 1
+
+        metrics: dict[str, float] = {}
+        if done % settings.log_interval == 0 or done == settings.max_steps:
+            seconds = time.perf_counter() - window_started
+            tokens_per_second = window_tokens / seconds
+            metrics = {
+                "train/loss": loss_sum,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/tokens_per_second": tokens_per_second,
+                "train/mfu": tokens_per_second * flops / peak_flops,
+            }
+            if not math.isnan(aux_sum):
+                metrics["train/router_aux_loss"] = aux_sum
+            progress.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_second:.0f}")
+        if done % settings.eval_interval == 0 or done == settings.max_steps:
+            result = evaluate(model, val_batches, device, autocast)
+            metrics.update({f"val/{k}": v for k, v in result.items()})
+            log.info("step %d: train loss %.4f, val loss %.4f, val accuracy %.3f", done, loss_sum,
+                     result["loss"], result["accuracy"])  # fmt: skip
+        if metrics:
+            record(done, metrics)
+            window_started, window_tokens = time.perf_counter(), 0
+        if done == settings.max_steps:
+            samples[done] = generate_samples(raw_model, tokenizer, settings, device)
+        if done % settings.checkpoint_interval == 0 or done == settings.max_steps:
+            checkpoint(done)
+            window_started = time.perf_counter()  # checkpoint time is not training throughput
+    progress.close()
+
+    final = history[-1]["metrics"]
+    summary = {
+        "train/loss": round(final["train/loss"], 4),
+        "val/loss": round(final["val/loss"], 4),
+        "val/perplexity": round(final["val/perplexity"], 3),
+        "val/accuracy": round(final["val/accuracy"], 4),
+        "val/loss_at_start": round(history[0]["metrics"]["val/loss"], 4),
+        "steps": settings.max_steps,
+        "tokens": settings.max_steps * settings.batch_tokens,
+        "parameters": n_params,
+    }
+    weights = full_model_state(raw_model, dist)
+    if dist.is_main:
+        with atomic_dir(outputs.model_dir) as tmp:
+            export = build_model(settings.model, tokenizer)
+            export.load_state_dict(weights, strict=False)
+            export.generation_config = GenerationConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                max_new_tokens=settings.sample_max_new_tokens,
+            )
+            export.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(settings, summary, n_params))
+        write_text(outputs.samples_path, samples_markdown(samples))
+        live.end()
+    if dist.enabled:
+        torch.distributed.barrier()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=Path, required=True, help="folder with train.bin, val.bin, meta.json")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder")
+    parser.add_argument("--model", type=Path, required=True, help="output model folder")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (kept between runs)")
+    parser.add_argument("--live", type=Path, required=True, help="dvclive folder (curves)")
+    parser.add_argument("--samples", type=Path, required=True, help="generated samples (markdown)")
+    parser.add_argument("--metrics", type=Path, required=True, help="summary JSON (a DVC metric)")
+    args = parser.parse_args(argv)
+    params = start("pretrain")
+    configure_environment()
+    dist = init_distributed()
+    outputs = Outputs(args.model, args.checkpoints, args.live, args.samples)
+    try:
+        summary = run(params.pretrain, args.tokens, args.tokenizer, outputs, dist)
+    except TrainingDiverged as error:
+        raise SystemExit(f"error: {error}") from None
+    if dist.is_main:
+        write_json(args.metrics, summary)
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
