@@ -34,6 +34,10 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    # Import-time noise of the stack on a CPU machine: torchao's CUDA-only kernels fail to load,
+    # and torch warns about its own enum registration. Neither affects a run.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def start(stage: str) -> Any:

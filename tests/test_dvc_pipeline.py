@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,21 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         data__skills__train_examples=100,
         data__skills__eval_examples=20,
         data__story_eval_examples=20,
+        pretrain__model__hidden_size=32,
+        pretrain__model__num_layers=2,
+        pretrain__model__num_heads=2,
+        pretrain__model__num_kv_heads=2,
+        pretrain__model__intermediate_size=64,
+        pretrain__model__max_position_embeddings=64,
+        pretrain__seq_len=32,
+        pretrain__micro_batch_size=8,
+        pretrain__batch_tokens=256,
+        pretrain__max_steps=20,
+        pretrain__warmup_steps=2,
+        pretrain__eval_interval=10,
+        pretrain__checkpoint_interval=10,
+        pretrain__sample_max_new_tokens=4,
+        pretrain__peak_flops=1.0e11,
     )
     sh(root, "git", "init", "-q")
     sh(root, "git", "add", "-A")
@@ -83,18 +100,21 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_produces_every_output(project):
     result = dvc(project, "repro")
-    assert stages_run(result) == ["data", "tokenize"]
+    assert stages_run(result) == ["data", "tokenize", "pretrain"]
     for path in (
         "data/corpus/train.jsonl",
         "data/sft/counting.jsonl",
         "data/eval/stories.jsonl",
         "data/tokens/train.bin",
         "models/tokenizer/tokenizer.json",
+        "models/pretrain/model.safetensors",
+        "metrics/pretrain_samples.md",
+        "metrics/pretrain/plots/metrics/train/loss.tsv",
     ):
         assert (project / path).is_file(), path
     metrics = json.loads(dvc(project, "metrics", "show", "--json").stdout)
     values = json.dumps(metrics)
-    assert '"vocab_size"' in values and '"corpus/train_documents"' in values
+    assert '"vocab_size"' in values and '"corpus/train_documents"' in values and '"val/perplexity"' in values
     # Nothing generated may be left for git to commit.
     status = sh(project, "git", "status", "--porcelain").stdout
     assert not [line for line in status.splitlines() if re.search(r"(data|models|metrics)/(?!README)", line)], status
@@ -107,14 +127,17 @@ def test_second_repro_does_nothing(project):
 
 
 def test_changing_a_param_reruns_only_its_stages(project):
+    set_params(project, pretrain__learning_rate=0.002)
+    assert stages_run(dvc(project, "repro")) == ["pretrain"]
+
     set_params(project, tokenize__vocab_size=500)
     status = dvc(project, "status").stdout
     assert "tokenize:" in status and "data:" not in status
-    assert stages_run(dvc(project, "repro")) == ["tokenize"]
+    assert stages_run(dvc(project, "repro")) == ["tokenize", "pretrain"]
     assert json.loads((project / "metrics/tokenize.json").read_text())["vocab_size"] == 500
 
     set_params(project, data__seed=7)
-    assert stages_run(dvc(project, "repro")) == ["data", "tokenize"]
+    assert stages_run(dvc(project, "repro")) == ["data", "tokenize", "pretrain"]
 
 
 def test_bad_param_fails_before_work_and_nothing_is_lost(project):
@@ -131,6 +154,31 @@ def test_bad_param_fails_before_work_and_nothing_is_lost(project):
     assert (project / "data/tokens/train.bin").read_bytes() == before
 
 
+def test_killed_pretrain_resumes_under_dvc_repro(project):
+    """kill -9 in the middle of training; the next `dvc repro` continues from the checkpoint."""
+    set_params(project, pretrain__max_steps=400, pretrain__checkpoint_interval=10)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        [str(BIN / "dvc"), "repro"],
+        cwd=project,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    # earlier runs in this module stopped at step 20; wait for a checkpoint of this run
+    while not (project / "models/pretrain_checkpoints/step-000030").is_dir():
+        assert process.poll() is None and time.time() < deadline, "dvc repro ended before the first checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
+    process.wait()
+    result = dvc(project, "repro")
+    assert stages_run(result) == ["pretrain"]
+    assert "resuming from" in result.stderr and "step-0000" in result.stderr
+    assert json.loads((project / "metrics/pretrain.json").read_text())["steps"] == 400
+
+
 def test_experiment_with_set_param(project):
     """`dvc exp run -S` works (it breaks if antlr4 4.13 sneaks back in) and shows the new value."""
     sh(project, "git", "add", "-A")
@@ -139,3 +187,4 @@ def test_experiment_with_set_param(project):
     shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert '"vocab_size": 450' in text and '"vocab_size": 500' in text
+    assert '"val/loss"' in text

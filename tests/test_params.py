@@ -157,3 +157,21 @@ def test_make_check_cli_reports_bad_key(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=project, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "params.yaml is valid" in result.stdout and "tokenize: tokenize" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("pretrain", "expected"),
+    [
+        ("{seq_len: 512}", "seq_len 512 is longer than model.max_position_embeddings 256"),
+        ("{batch_tokens: 5000}", "batch_tokens 5000 must be a multiple of micro_batch_size * seq_len = 4096"),
+        ("{model: {hidden_size: 90}}", "hidden_size 90 must be divisible by num_heads 4"),
+        ("{model: {num_kv_heads: 3}}", "num_heads 4 must be divisible by num_kv_heads 3"),
+        ("{model: {architecture: mixtral, num_experts: 2, experts_per_token: 3}}", "experts_per_token 3 is more"),
+        ("{warmup_steps: 400}", "warmup_steps 400 must be below max_steps 330"),
+        ("{optimizer: sgd}", "'adamw' or 'lion'"),
+        ("{schedule: linear}", "'cosine', 'one_cycle' or 'constant'"),
+    ],
+)
+def test_pretrain_settings_are_checked_together(tmp_path, pretrain, expected):
+    message = error_for(tmp_path, f"pretrain: {pretrain}\n")
+    assert "pretrain" in message and expected in message
