@@ -8,11 +8,9 @@ INSTALLED := $(VENV)/.installed
 
 # Stages run `python` from dvc.yaml: put the project's interpreter first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-# Caches inside the project; no telemetry; the hub stays offline unless a user opts in.
+# Caches inside the project; no telemetry. Each stage sets the hub's offline flags itself
+# (offline unless its settings name a hub dataset or model): see pipeline/stage.py.
 export HF_HOME ?= $(CURDIR)/.cache/huggingface
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export AXOLOTL_DO_NOT_TRACK := 1

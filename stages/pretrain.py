@@ -393,6 +393,16 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict; a tied output head may be absent (it is stored once), nothing else."""
+    result = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise RuntimeError(
+            f"weights do not fit the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
+
+
 def load_full_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict, dist: Distributed
 ) -> None:
@@ -403,7 +413,7 @@ def load_full_state(
     )
 
     if not dist.enabled:
-        model.load_state_dict(weights, strict=False)  # tied head weights may be listed once
+        load_weights(model, weights)
         optimizer.load_state_dict(optimizer_state)
         return
     options = StateDictOptions(full_state_dict=True, strict=False)
@@ -576,6 +586,8 @@ def run(
         samples = {int(k): v for k, v in state["samples"].items()}
     elif dist.is_main and outputs.checkpoint_dir.exists():
         shutil.rmtree(outputs.checkpoint_dir)  # checkpoints of other settings: never resume them
+    if dist.enabled:
+        torch.distributed.barrier()  # no rank deletes what another is still reading
 
     live = Live(dir=str(outputs.live_dir), save_dvc_exp=False, dvcyaml=False, report=None) if dist.is_main else None
     if live:
@@ -701,7 +713,7 @@ def run(
     if dist.is_main:
         with atomic_dir(outputs.model_dir) as tmp:
             export = build_model(settings.model, tokenizer)
-            export.load_state_dict(weights, strict=False)
+            load_weights(export, weights)
             export.generation_config = GenerationConfig(
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.params import DataSettings, SkillSettings, TokenizeSettings, WorldSettings
+from pipeline.stage import configure_environment
 from stages import data, tokenize
+
+configure_environment()  # tests never reach the hub, and keep caches inside the project
 
 TINY_DATA = DataSettings(
     world=WorldSettings(corpus_megabytes=0.3),

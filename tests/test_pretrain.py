@@ -184,8 +184,8 @@ def run_in_subprocess(settings: PretrainSettings, tiny_tokenized, out: Path, *, 
     return process
 
 
-def loss_curve(root: Path) -> list[float]:
-    rows = (root / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
+def history_of(root: Path, name: str = "train/loss") -> list[float]:
+    rows = (root / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
     return [float(row.split("\t")[-1]) for row in rows]
 
 
@@ -209,7 +209,7 @@ def test_resume_after_kill_9_gives_identical_weights(tiny_tokenized, tmp_path):
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
-    assert loss_curve(killed) == loss_curve(tmp_path / "straight")  # the curve has no gap or repeat
+    assert history_of(killed) == history_of(tmp_path / "straight")  # the curve has no gap or repeat
 
 
 def test_changed_settings_never_resume_old_checkpoints(trained, tiny_tokenized, tmp_path):
@@ -257,7 +257,7 @@ def test_two_processes_match_one(tiny_tokenized, tmp_path, strategy):
     )
     run_in_subprocess(settings.model_copy(update={"threads": 1}), tiny_tokenized, tmp_path / "one")
     run_in_subprocess(settings, tiny_tokenized, tmp_path / "two", nproc=2)
-    one, two = loss_curve(tmp_path / "one"), loss_curve(tmp_path / "two")
+    one, two = history_of(tmp_path / "one"), history_of(tmp_path / "two")
     assert len(one) == len(two) == 12
     assert one[-1] < one[0]
     assert two == pytest.approx(one, rel=1e-4)
@@ -278,3 +278,23 @@ def test_mixture_of_experts_from_scratch(tiny_tokenized, tmp_path):
     assert len(aux) == 2 and all(float(row.split("\t")[-1]) > 0 for row in aux)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert type(loaded).__name__ == "MixtralForCausalLM" and loaded.config.num_local_experts == 4
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"gradient_checkpointing": True},
+        {"precision": "bf16"},
+        {"optimizer": "lion", "learning_rate": 3e-3, "schedule": "one_cycle"},
+        {"sampling": "documents", "schedule": "constant"},
+    ],
+    ids=["gradient_checkpointing", "bf16", "lion_one_cycle", "documents"],
+)
+def test_training_variants(tiny_tokenized, tmp_path, update):
+    base = TINY.model_copy(update={"max_steps": 40, "eval_interval": 40, "checkpoint_interval": 40})
+    pretrain.run(base.model_copy(update=update), tiny_tokenized[1], tiny_tokenized[0], outputs_in(tmp_path / "variant"))
+    losses = history_of(tmp_path / "variant")
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 1.0
+    if "gradient_checkpointing" in update:  # recomputing activations changes nothing numerically
+        pretrain.run(base, tiny_tokenized[1], tiny_tokenized[0], outputs_in(tmp_path / "base"))
+        assert losses == pytest.approx(history_of(tmp_path / "base"), rel=1e-5)
