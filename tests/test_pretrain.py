@@ -298,3 +298,17 @@ def test_training_variants(tiny_tokenized, tmp_path, update):
     if "gradient_checkpointing" in update:  # recomputing activations changes nothing numerically
         pretrain.run(base, tiny_tokenized[1], tiny_tokenized[0], outputs_in(tmp_path / "base"))
         assert losses == pytest.approx(history_of(tmp_path / "base"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(tiny_tokenized, tmp_path):
+    """torch.compile (inductor on CPU: about a minute of compiling) gives the eager loss curve."""
+    settings = TINY.model_copy(
+        update={"max_steps": 10, "log_interval": 5, "eval_interval": 10, "checkpoint_interval": 10}
+    )
+    pretrain.run(
+        settings.model_copy(update={"compile": True}), tiny_tokenized[1], tiny_tokenized[0], outputs_in(tmp_path / "c")
+    )
+    pretrain.run(settings, tiny_tokenized[1], tiny_tokenized[0], outputs_in(tmp_path / "e"))
+    assert history_of(tmp_path / "c") == pytest.approx(history_of(tmp_path / "e"), rel=1e-3)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "c" / "model").config.architectures == ["LlamaForCausalLM"]
