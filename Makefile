@@ -17,7 +17,7 @@ export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
 
-.PHONY: install run test test-all lint check bench lock clean
+.PHONY: install browser run test lint check bench lock clean
 
 $(INSTALLED): requirements/lock.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "error: Python 3.11 is required (axolotl 0.19); set PYTHON=/path/to/python3.11")'
@@ -36,8 +36,15 @@ run: install  ## the default experiment, end to end (settings are validated befo
 	$(BIN)/python -m pipeline.params
 	$(BIN)/dvc repro
 
-test: install  ## the test suite (what CI runs)
+test: install browser  ## the test suite (what CI runs)
 	$(BIN)/python -m pytest
+
+# The report test opens the HTML report in headless Chromium (Debian's package). Installed when
+# missing and we may (root with apt-get, as on CI); otherwise that one test skips, except on CI.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "note: chromium not installed; the browser test of the report will skip"; }
 
 lint: install
 	$(BIN)/ruff check .
@@ -57,4 +64,5 @@ lock:  ## re-resolve requirements/lock.txt from requirements/requirements.in (ne
 	  > requirements/lock.txt
 
 clean:  ## remove generated outputs (not the venv, not the DVC cache)
-	rm -rf data/corpus data/sft data/eval data/tokens models/tokenizer metrics/*.json
+	rm -rf data/corpus data/sft data/eval data/tokens models/tokenizer models/pretrain models/pretrain_checkpoints \
+	  metrics/*.json metrics/pretrain metrics/pretrain_samples.md metrics/eval metrics/eval_raw metrics/report

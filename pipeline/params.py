@@ -271,12 +271,57 @@ class PretrainSettings(Section):
         return self
 
 
+EMBEDDED_TASKS = ("skills", "stories", "perplexity")
+
+
+class EvalSettings(Section):
+    """`eval` stage: lm-evaluation-harness on every model (python -m stages.eval)."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: list(EMBEDDED_TASKS),
+        min_length=1,
+        description="Embedded tasks: skills (exact answer + multiple choice per skill in data/eval), "
+        "stories (story completion), perplexity (held-out corpus text). Any other name is an "
+        "lm-eval task (hellaswag, arc_easy, gsm8k, ...): it needs its data from the hub, or "
+        "from `task_data`.",
+    )
+    task_data: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Local data for standard lm-eval tasks, offline: task name -> {split: file}, "
+        "e.g. {arc_easy: {test: data/arc_easy.jsonl}} (json/jsonl/parquet with the task's columns).",
+    )
+    num_fewshot: int = Field(0, ge=0, description="Examples shown before each question.")
+    batch_size: int = Field(16, ge=1, description="Requests per forward pass.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N items of each task (quick runs).")
+    max_gen_tokens: int = Field(16, ge=1, description="Longest answer generated for exact-answer tasks.")
+    apply_chat_template: bool = Field(
+        False,
+        description="Render prompts with the model's chat template (instruct models such as Phi-3). "
+        "false: the embedded tasks write the default template's `Q: ...\\nA:` format themselves.",
+    )
+    device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that supports it, float32 on CPU."
+    )
+    seed: int = Field(0, description="Seed of lm-eval's sampling and few-shot selection.")
+
+    @model_validator(mode="after")
+    def _task_data_names_a_task(self) -> EvalSettings:
+        for name in self.task_data:
+            if name not in self.tasks:
+                raise ValueError(f"task_data names {name!r}, which is not in tasks {self.tasks}")
+            if name in EMBEDDED_TASKS:
+                raise ValueError(f"task_data cannot override the embedded task {name!r}")
+        return self
+
+
 class Params(Section):
     """params.yaml: one section per stage."""
 
     data: DataSettings = Field(default_factory=DataSettings)
     tokenize: TokenizeSettings = Field(default_factory=TokenizeSettings)
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
 
 
 class ParamsError(ValueError):

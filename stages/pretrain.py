@@ -425,8 +425,14 @@ def load_full_state(
 
 
 def settings_fingerprint(settings: PretrainSettings, tokens_meta: dict, world_size: int) -> str:
-    """What a checkpoint must match to be resumed (changing anything here starts afresh)."""
-    payload = {"settings": settings.model_dump(mode="json"), "tokens": tokens_meta, "world_size": world_size}
+    """What a checkpoint must match to be resumed: settings, data, world size and this code
+    (DVC reruns the stage when the code changes; resuming the old run would undo that)."""
+    payload = {
+        "settings": settings.model_dump(mode="json"),
+        "tokens": tokens_meta,
+        "world_size": world_size,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
     return hashlib.sha256(dumps_json(payload).encode()).hexdigest()[:16]
 
 
@@ -718,7 +724,6 @@ def run(
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
-                max_new_tokens=settings.sample_max_new_tokens,
             )
             export.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

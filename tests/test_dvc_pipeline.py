@@ -91,6 +91,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pretrain__checkpoint_interval=10,
         pretrain__sample_max_new_tokens=4,
         pretrain__peak_flops=1.0e11,
+        eval__limit=4,
     )
     sh(root, "git", "init", "-q")
     sh(root, "git", "add", "-A")
@@ -100,7 +101,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_produces_every_output(project):
     result = dvc(project, "repro")
-    assert stages_run(result) == ["data", "tokenize", "pretrain"]
+    assert stages_run(result) == ["data", "tokenize", "pretrain", "eval@pretrain", "report"]
     for path in (
         "data/corpus/train.jsonl",
         "data/sft/counting.jsonl",
@@ -110,11 +111,17 @@ def test_repro_produces_every_output(project):
         "models/pretrain/model.safetensors",
         "metrics/pretrain_samples.md",
         "metrics/pretrain/plots/metrics/train/loss.tsv",
+        "metrics/eval/pretrain.json",
+        "metrics/eval_raw/pretrain/results.json",
+        "metrics/report/index.html",
+        "metrics/report/leaderboard.md",
+        "metrics/report/skill_matrix.png",
     ):
         assert (project / path).is_file(), path
     metrics = json.loads(dvc(project, "metrics", "show", "--json").stdout)
     values = json.dumps(metrics)
     assert '"vocab_size"' in values and '"corpus/train_documents"' in values and '"val/perplexity"' in values
+    assert '"stories/acc"' in values
     # Nothing generated may be left for git to commit.
     status = sh(project, "git", "status", "--porcelain").stdout
     assert not [line for line in status.splitlines() if re.search(r"(data|models|metrics)/(?!README)", line)], status
@@ -127,17 +134,21 @@ def test_second_repro_does_nothing(project):
 
 
 def test_changing_a_param_reruns_only_its_stages(project):
+    downstream = ["eval@pretrain", "report"]
+    set_params(project, eval__limit=3)
+    assert stages_run(dvc(project, "repro")) == downstream
+
     set_params(project, pretrain__learning_rate=0.002)
-    assert stages_run(dvc(project, "repro")) == ["pretrain"]
+    assert stages_run(dvc(project, "repro")) == ["pretrain", *downstream]
 
     set_params(project, tokenize__vocab_size=500)
     status = dvc(project, "status").stdout
     assert "tokenize:" in status and "data:" not in status
-    assert stages_run(dvc(project, "repro")) == ["tokenize", "pretrain"]
+    assert stages_run(dvc(project, "repro")) == ["tokenize", "pretrain", *downstream]
     assert json.loads((project / "metrics/tokenize.json").read_text())["vocab_size"] == 500
 
     set_params(project, data__seed=7)
-    assert stages_run(dvc(project, "repro")) == ["data", "tokenize", "pretrain"]
+    assert stages_run(dvc(project, "repro")) == ["data", "tokenize", "pretrain", *downstream]
 
 
 def test_bad_param_fails_before_work_and_nothing_is_lost(project):
@@ -174,7 +185,7 @@ def test_killed_pretrain_resumes_under_dvc_repro(project):
     os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
     process.wait()
     result = dvc(project, "repro")
-    assert stages_run(result) == ["pretrain"]
+    assert stages_run(result) == ["pretrain", "eval@pretrain", "report"]
     assert "resuming from" in result.stderr and "step-0000" in result.stderr
     assert json.loads((project / "metrics/pretrain.json").read_text())["steps"] == 400
 

@@ -17,41 +17,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.params import PROJECT_ROOT, ModelSettings, PretrainSettings
+from pipeline.params import PROJECT_ROOT, PretrainSettings
 from stages import pretrain
+from tests.conftest import TINY_MODEL, outputs_in
+from tests.conftest import TINY_PRETRAIN as TINY
 
-TINY_MODEL = ModelSettings(
-    hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64, max_position_embeddings=64
-)
-TINY = PretrainSettings(
-    model=TINY_MODEL,
-    seq_len=32,
-    micro_batch_size=8,
-    batch_tokens=256,
-    max_steps=200,
-    warmup_steps=10,
-    learning_rate=1e-2,
-    log_interval=10,
-    eval_interval=50,
-    eval_max_batches=4,
-    checkpoint_interval=100,
-    sample_max_new_tokens=8,
-    peak_flops=1e11,  # skip the matmul micro-benchmark in tests
-)
 RUNNER = Path(__file__).with_name("pretrain_runner.py")
 
 
-def outputs_in(root: Path) -> pretrain.Outputs:
-    return pretrain.Outputs(root / "model", root / "checkpoints", root / "live", root / "samples.md")
-
-
 @pytest.fixture(scope="module")
-def trained(tiny_tokenized, tmp_path_factory):
+def trained(tiny_pretrained):
     """(summary, output folder) of one tiny pretraining run."""
-    tokenizer_dir, tokens_dir, _ = tiny_tokenized
-    root = tmp_path_factory.mktemp("pretrain")
-    summary = pretrain.run(TINY, tokens_dir, tokenizer_dir, outputs_in(root))
-    return summary, root
+    return tiny_pretrained
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:

@@ -1,0 +1,273 @@
+"""`report` stage: every model's eval metrics and lineage in one place people want to read.
+
+    python -m stages.report --eval-metrics metrics/eval --curves pretrain=metrics/pretrain \
+        --lock dvc.lock --out metrics/report
+
+Inputs: metrics/eval/<model>.json (eval stage), dvclive folders of the training stages, and
+dvc.lock for lineage (which stage made each model, from what, with which settings).
+Outputs in --out:
+- leaderboard.md: model x task/metric, the best of each column in bold;
+- skill_matrix.png: models x skills heatmap of exact-answer accuracy;
+- curves.png: training and validation loss of every training stage;
+- index.html: all of the above in one self-contained page (images inlined, no CDN, no script
+  from outside), with each model's settings and parents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from pipeline.atomic import atomic_path, write_text
+from pipeline.stage import start
+
+log = logging.getLogger("stages.report")
+
+LOWER_IS_BETTER = ("word_perplexity", "bits_per_byte", "byte_perplexity", "loss")
+
+
+def load_eval_metrics(folder: Path) -> dict[str, dict[str, float]]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+
+
+def metric_names(table: dict[str, dict[str, float]]) -> list[str]:
+    return sorted({metric for row in table.values() for metric in row})
+
+
+def best_per_metric(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    best = {}
+    for metric in metric_names(table):
+        values = [row[metric] for row in table.values() if metric in row]
+        best[metric] = min(values) if metric.endswith(LOWER_IS_BETTER) else max(values)
+    return best
+
+
+def leaderboard_rows(table: dict[str, dict[str, float]]) -> list[tuple[str, list[tuple[str, bool]]]]:
+    """(metric, [(cell text, is best)] per model): one row per task/metric, one column per model."""
+    best = best_per_metric(table)
+    rows = []
+    for metric in metric_names(table):
+        cells = []
+        for row in table.values():
+            value = row.get(metric)
+            text = "" if value is None else f"{value:.4g}"
+            cells.append((text, value is not None and value == best[metric] and len(table) > 1))
+        rows.append((metric, cells))
+    return rows
+
+
+def leaderboard_markdown(table: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "# Leaderboard",
+        "",
+        "Each task/metric (rows) for each model (columns); the best of each row is in **bold**",
+        "(lowest for perplexity and bits per byte, highest otherwise).",
+        "",
+        "| task/metric | " + " | ".join(table) + " |",
+        "| --- |" + " ---: |" * len(table),
+    ]
+    for metric, cells in leaderboard_rows(table):
+        lines.append(f"| {metric} | " + " | ".join(f"**{t}**" if best else t for t, best in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def skill_names(table: dict[str, dict[str, float]]) -> list[str]:
+    return sorted({column.split("/")[0] for row in table.values() for column in row if column.endswith("/exact_match")})
+
+
+def plot_skill_matrix(table: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    skills, models = skill_names(table), list(table)
+    values = np.array([[table[m].get(f"{s}/exact_match", np.nan) for s in skills] for m in models])
+    figure, axes = plt.subplots(figsize=(1.6 + 1.3 * max(1, len(skills)), 1.2 + 0.5 * len(models)))
+    image = axes.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(skills)), skills)
+    axes.set_yticks(range(len(models)), models)
+    for i in range(len(models)):
+        for j in range(len(skills)):
+            if not np.isnan(values[i, j]):
+                axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center",
+                          color="white" if values[i, j] < 0.5 else "black")  # fmt: skip
+    axes.set_title("Exact-answer accuracy per skill")
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def read_curve(live_dir: Path, name: str) -> tuple[list[float], list[float]]:
+    path = live_dir / "plots" / "metrics" / f"{name}.tsv"
+    if not path.is_file():
+        return [], []
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
+    return [float(r[0]) for r in rows], [float(r[-1]) for r in rows]
+
+
+def plot_curves(curves: dict[str, Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, panels = plt.subplots(1, max(1, len(curves)), figsize=(5.5 * max(1, len(curves)), 3.6), squeeze=False)
+    for axes, (name, live_dir) in zip(panels[0], curves.items(), strict=False):
+        for metric, style in (("train/loss", "-"), ("val/loss", "o-")):
+            steps, values = read_curve(live_dir, metric)
+            if steps:
+                axes.plot(steps, values, style, label=metric, markersize=3)
+        axes.set_title(f"{name}: loss")
+        axes.set_xlabel("step")
+        axes.set_ylabel("nat/token")
+        axes.set_yscale("log")
+        axes.legend()
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    # PNG metadata would carry the matplotlib version and nothing else: keep the bytes stable.
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    plt.close(figure)
+
+
+def lineage(lock_path: Path) -> dict[str, dict[str, Any]]:
+    """Output path -> {stage, command, parents, params} from dvc.lock (what actually ran)."""
+    if not lock_path.is_file():
+        return {}
+    lock = YAML(typ="safe").load(lock_path.read_text()) or {}
+    produced: dict[str, dict[str, Any]] = {}
+    for stage, entry in (lock.get("stages") or {}).items():
+        info = {
+            "stage": stage,
+            "command": entry.get("cmd", ""),
+            "parents": [dep["path"] for dep in entry.get("deps", []) if not dep["path"].endswith(".py")],
+            "params": entry.get("params", {}).get("params.yaml", {}),
+        }
+        for out in entry.get("outs", []):
+            produced[out["path"]] = info
+    return produced
+
+
+def image_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    # onload/onerror mark each image, so a test (or a reader) can tell it really rendered.
+    return (
+        f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" '
+        "onload=\"this.dataset.rendered='yes'\" onerror=\"this.dataset.rendered='no'\">"
+    )
+
+
+def html_report(
+    table: dict[str, dict[str, float]], models: dict[str, str], lineages: dict[str, dict[str, Any]], images: list[Path]
+) -> str:
+    head = "".join(f"<th>{html.escape(model)}</th>" for model in table)
+    body = []
+    for metric, cells in leaderboard_rows(table):
+        tds = "".join(f"<td class='best'>{text}</td>" if best else f"<td>{text}</td>" for text, best in cells)
+        body.append(f"<tr><th>{html.escape(metric)}</th>{tds}</tr>")
+    cards = []
+    for model, path in models.items():
+        info = lineages.get(path, {})
+        params = html.escape(json.dumps(info.get("params", {}), indent=2, sort_keys=True))
+        parents = ", ".join(f"<code>{html.escape(p)}</code>" for p in info.get("parents", [])) or "(unknown)"
+        stage = html.escape(info.get("stage", "?"))
+        cards.append(
+            f"<section class='model'><h3>{html.escape(model)}</h3>"
+            f"<p>Folder <code>{html.escape(path)}</code>, made by stage <code>{stage}</code> "
+            f"from {parents}.</p><details><summary>Settings</summary><pre>{params}</pre></details></section>"
+        )
+    figures = "".join(
+        f"<figure>{image_tag(p, p.stem)}<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in images
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Experiment report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.9rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.5rem; text-align: right; }}
+tbody th {{ text-align: left; font-weight: normal; font-family: monospace; }}
+th {{ background: #f4f4f4; }} td.best {{ font-weight: bold; background: #e6f4e6; }}
+figure {{ display: inline-block; margin: 1rem; }} img {{ max-width: 100%; }}
+pre {{ background: #f8f8f8; padding: 0.5rem; overflow-x: auto; }}
+</style></head><body>
+<h1>Experiment report</h1>
+<h2>Leaderboard</h2>
+<p>Best of each row in bold (lowest for perplexity and bits per byte, highest otherwise).</p>
+<table id="leaderboard"><thead><tr><th>task/metric</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
+<h2>Plots</h2>{figures}
+<h2>Models</h2>{"".join(cards)}
+</body></html>
+"""
+
+
+def evaluated_models(lock_path: Path) -> dict[str, str]:
+    """Model name -> folder, read from the `eval@<name>` stages recorded in dvc.lock."""
+    if not lock_path.is_file():
+        return {}
+    stages = (YAML(typ="safe").load(lock_path.read_text()) or {}).get("stages") or {}
+    models = {}
+    for stage, entry in stages.items():
+        match = re.search(r"--model\s+(\S+)", entry.get("cmd", ""))
+        if stage.startswith("eval@") and match:
+            models[stage.removeprefix("eval@")] = match.group(1)
+    return models
+
+
+def run(eval_dir: Path, curves: dict[str, Path], lock_path: Path, out_dir: Path) -> dict:
+    table = load_eval_metrics(eval_dir)
+    if not table:
+        raise SystemExit(f"error: no eval metrics in {eval_dir}: run the eval stage first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "leaderboard.md", leaderboard_markdown(table))
+    images = []
+    if skill_names(table):
+        plot_skill_matrix(table, out_dir / "skill_matrix.png")
+        images.append(out_dir / "skill_matrix.png")
+    plot_curves(curves, out_dir / "curves.png")
+    images.append(out_dir / "curves.png")
+    models = {name: path for name, path in evaluated_models(lock_path).items() if name in table}
+    write_text(out_dir / "index.html", html_report(table, models, lineage(lock_path), images))
+    log.info("report of %d models in %s", len(table), out_dir)
+    return table
+
+
+def parse_pairs(pairs: list[str], flag: str) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"error: {flag} takes NAME=PATH, got {pair!r}")
+        result[name] = path
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eval-metrics", type=Path, required=True, help="folder of <model>.json eval metrics")
+    parser.add_argument("--curves", nargs="+", default=[], help="NAME=DVCLIVE_FOLDER of each training stage")
+    parser.add_argument("--lock", type=Path, default=Path("dvc.lock"), help="dvc.lock, for lineage")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    args = parser.parse_args(argv)
+    start("report")
+    curves = {name: Path(path) for name, path in parse_pairs(args.curves, "--curves").items()}
+    run(args.eval_metrics, curves, args.lock, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The eval stage: lm-eval on the embedded tasks, cross-checked against direct generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.params import EvalSettings, ParamsError, load_params
+from stages import eval as evaluation
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_pretrained, tiny_data, tmp_path_factory):
+    """(metrics, raw folder) of the eval stage on the tiny pretrained model, 12 items per task."""
+    raw = tmp_path_factory.mktemp("eval") / "raw"
+    model = tiny_pretrained[1] / "model"
+    metrics = evaluation.run(EvalSettings(limit=12), model, tiny_data / "eval", tiny_data / "corpus", raw)
+    return metrics, raw
+
+
+def test_metrics_cover_every_embedded_task(evaluated):
+    metrics, _ = evaluated
+    skills = ["addition", "comparison", "counting", "sorting"]
+    expected = {f"{s}/exact_match" for s in skills}
+    expected |= {f"{s}_choice/{m}" for s in skills for m in ("acc", "acc_norm")}
+    expected |= {"stories/acc", "stories/acc_norm", "perplexity/word_perplexity", "perplexity/bits_per_byte"}
+    assert set(metrics) == expected
+    assert all(0 <= metrics[k] <= 1 for k in metrics if not k.startswith("perplexity/"))
+    assert 1 < metrics["perplexity/word_perplexity"] < 1000 and 0 < metrics["perplexity/bits_per_byte"] < 8
+
+
+def test_raw_outputs_sit_beside_the_metrics(evaluated):
+    _, raw = evaluated
+    assert {p.name for p in (raw / "tasks").iterdir()} >= {"addition.yaml", "addition_choice.yaml", "stories.yaml"}
+    results = json.loads((raw / "results.json").read_text())
+    assert "addition" in results["results"]
+    rows = [json.loads(line) for line in (raw / "samples.jsonl").read_text().splitlines()]
+    assert {row["task"] for row in rows} >= {"addition", "stories", "perplexity"}
+
+
+def test_exact_match_agrees_with_direct_greedy_generation(tiny_pretrained, tiny_data, tmp_path):
+    """lm-eval's exact_match equals what plain transformers greedy decoding scores on the same items.
+
+    The gold answers are set to the model's own greedy answer for half the questions and to an
+    impossible one for the rest, so the right score is exactly 0.5 whatever the model knows.
+    """
+    model_dir = tiny_pretrained[1] / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    questions = [json.loads(line) for line in (tiny_data / "eval" / "addition.jsonl").read_text().splitlines()][:10]
+    rows = []
+    for index, item in enumerate(questions):
+        prompt = f"Q: {item['question']}\nA:"
+        ids = tokenizer(prompt, return_tensors="pt")  # adds BOS, as the eval stage asks lm-eval to
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        answer = text.split("\n")[0].strip()
+        rows.append({**item, "answer": answer if index % 2 == 0 else "no such answer"})
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "addition.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = EvalSettings(tasks=["skills"], max_gen_tokens=16)
+    metrics = evaluation.run(settings, model_dir, eval_dir, tiny_data / "corpus", tmp_path / "raw")
+    assert metrics["addition/exact_match"] == 0.5
+
+
+def test_standard_task_runs_offline_on_local_data(tiny_pretrained, tiny_data, tmp_path):
+    """A built-in lm-eval task (arc_easy) pointed at a local file: its own prompt and metrics."""
+    rows = [
+        {"id": str(i), "question": f"Which number is larger, {a} or {b}?", "answerKey": "A",
+         "choices": {"text": [str(max(a, b)), str(min(a, b))], "label": ["A", "B"]}}
+        for i, (a, b) in enumerate([(12, 7), (40, 93), (55, 56), (81, 18)])
+    ]  # fmt: skip
+    path = tmp_path / "arc_local.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = EvalSettings(tasks=["arc_easy"], task_data={"arc_easy": {"test": str(path)}})
+    metrics = evaluation.run(settings, tiny_pretrained[1] / "model", tiny_data / "eval", tiny_data / "corpus",
+                             tmp_path / "raw")  # fmt: skip
+    assert set(metrics) == {"arc_easy/acc", "arc_easy/acc_norm"}
+    assert "Question: Which number is larger" in (tmp_path / "raw" / "samples.jsonl").read_text()
+
+
+def test_unknown_task_is_a_clear_error(tiny_pretrained, tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match=r"eval.tasks: \['hellaswagg'\] are not lm-eval tasks"):
+        evaluation.run(EvalSettings(tasks=["hellaswagg"]), tiny_pretrained[1] / "model", tiny_data / "eval",
+                       tiny_data / "corpus", tmp_path / "raw")  # fmt: skip
+    assert not (tmp_path / "raw").exists()
+
+
+def test_task_data_must_name_a_listed_task(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("eval:\n  tasks: [skills]\n  task_data: {arc_easy: {test: x.jsonl}}\n")
+    with pytest.raises(ParamsError, match="eval: task_data names 'arc_easy', which is not in tasks"):
+        load_params(path)
+
+
+def test_prompts_follow_the_chat_template_setting(tmp_path):
+    eval_dir = Path(tmp_path)
+    (eval_dir / "addition.jsonl").write_text("{}\n")
+    plain = evaluation.embedded_task_configs(EvalSettings(tasks=["skills"]), eval_dir, eval_dir)
+    chat = evaluation.embedded_task_configs(
+        EvalSettings(tasks=["skills"], apply_chat_template=True), eval_dir, eval_dir
+    )
+    assert plain[0]["doc_to_text"] == "Q: {{question}}\nA:"  # the default chat template's format
+    assert chat[0]["doc_to_text"] == "{{question}}"
+    assert load_params().tokenize.chat_template  # the default template renders "Q: ...\nA:" (test_tokenize)

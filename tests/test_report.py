@@ -1,0 +1,108 @@
+"""The report stage: leaderboard, plots, lineage, and an HTML page a real browser renders."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stages import report
+
+TABLE = {
+    "pretrain": {"addition/exact_match": 0.0, "stories/acc": 0.9, "perplexity/word_perplexity": 4.7},
+    "expert_a": {"addition/exact_match": 0.95, "stories/acc": 0.85, "perplexity/word_perplexity": 5.1},
+}
+LOCK = """schema: '2.0'
+stages:
+  pretrain:
+    cmd: python -m stages.pretrain --tokens data/tokens --model models/pretrain
+    deps:
+    - path: stages/pretrain.py
+    - path: data/tokens
+    params:
+      params.yaml:
+        pretrain:
+          learning_rate: 0.003
+    outs:
+    - path: models/pretrain
+  eval@pretrain:
+    cmd: python -m stages.eval --name pretrain --model models/pretrain --raw x
+    deps:
+    - path: models/pretrain
+    outs:
+    - path: metrics/eval_raw/pretrain
+"""
+
+
+@pytest.fixture()
+def built(tmp_path, tiny_pretrained) -> Path:
+    """A report over TABLE, with the tiny pretraining run's curves and a small dvc.lock."""
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    for model, metrics in TABLE.items():
+        (eval_dir / f"{model}.json").write_text(json.dumps(metrics))
+    (tmp_path / "dvc.lock").write_text(LOCK)
+    report.run(eval_dir, {"pretrain": tiny_pretrained[1] / "live"}, tmp_path / "dvc.lock", tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_leaderboard_marks_the_best_of_each_row(built):
+    text = (built / "leaderboard.md").read_text()
+    assert "| task/metric | expert_a | pretrain |" in text
+    assert "| addition/exact_match | **0.95** | 0 |" in text
+    assert "| stories/acc | 0.85 | **0.9** |" in text
+    assert "| perplexity/word_perplexity | 5.1 | **4.7** |" in text  # lower is better
+
+
+def test_plots_are_real_pngs(built):
+    for name in ("skill_matrix.png", "curves.png"):
+        data = (built / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_html_is_self_contained_with_lineage(built):
+    page = (built / "index.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing loads from elsewhere
+    assert page.count('src="data:image/png;base64,') == 2
+    assert "made by stage <code>pretrain</code> from <code>data/tokens</code>" in page
+    assert "&quot;learning_rate&quot;: 0.003" in page
+
+
+def test_lineage_reads_what_ran_from_dvc_lock(tmp_path):
+    (tmp_path / "dvc.lock").write_text(LOCK)
+    info = report.lineage(tmp_path / "dvc.lock")["models/pretrain"]
+    assert info["stage"] == "pretrain" and info["parents"] == ["data/tokens"]
+    assert report.evaluated_models(tmp_path / "dvc.lock") == {"pretrain": "models/pretrain"}
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_a_real_browser(built, tmp_path):
+    """Headless Chromium (Debian's package; .ci/run installs it) loads the page: table and images."""
+    browser = chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing on CI: .ci/run should have installed it")
+        pytest.skip("Chromium is not installed (apt-get install chromium); CI installs it")
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+    ]  # fmt: skip
+    url = (built / "index.html").resolve().as_uri()
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('data-rendered="yes"') == 2, "both images decoded and rendered"
+    assert 'data-rendered="no"' not in dom
+    rows = re.findall(r"<tr><th>([^<]+)</th>", dom)
+    assert rows == ["task/metric", "addition/exact_match", "perplexity/word_perplexity", "stories/acc"]
+    screenshot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, "--window-size=1200,900", f"--screenshot={screenshot}", url],
+                   capture_output=True, timeout=120)  # fmt: skip
+    assert screenshot.stat().st_size > 20_000  # a page with pictures, not a blank one
