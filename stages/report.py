@@ -10,7 +10,8 @@ Outputs in --out:
 - skill_matrix.png: models x skills heatmap of exact-answer accuracy;
 - curves.png: training and validation loss of every training stage;
 - index.html: all of the above in one self-contained page (images inlined, no CDN, no script
-  from outside), with each model's settings and parents.
+  from outside), with each model's settings and parents;
+- cards/<model>.md: a model card with the model's eval results and lineage.
 """
 
 from __future__ import annotations
@@ -164,6 +165,28 @@ def lineage(lock_path: Path) -> dict[str, dict[str, Any]]:
     return produced
 
 
+def model_card(name: str, path: str, metrics: dict[str, float], info: dict[str, Any]) -> str:
+    rows = "\n".join(f"| `{metric}` | {value:.4g} |" for metric, value in sorted(metrics.items()))
+    parents = ", ".join(f"`{parent}`" for parent in info.get("parents", [])) or "(unknown)"
+    settings = json.dumps(info.get("params", {}), indent=2, sort_keys=True)
+    return f"""# {name}
+
+Model folder `{path}`, made by the `{info.get("stage", "?")}` stage from {parents}.
+
+## Evaluation (lm-evaluation-harness)
+
+| task/metric | value |
+| --- | --- |
+{rows}
+
+## Settings of the stage that made it
+
+```json
+{settings}
+```
+"""
+
+
 def image_tag(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     # onload/onerror mark each image, so a test (or a reader) can tell it really rendered.
@@ -242,7 +265,11 @@ def run(eval_dir: Path, curves: dict[str, Path], lock_path: Path, out_dir: Path)
     plot_curves(curves, out_dir / "curves.png")
     images.append(out_dir / "curves.png")
     models = {name: path for name, path in evaluated_models(lock_path).items() if name in table}
-    write_text(out_dir / "index.html", html_report(table, models, lineage(lock_path), images))
+    lineages = lineage(lock_path)
+    write_text(out_dir / "index.html", html_report(table, models, lineages, images))
+    # Model folders belong to the stages that made them, so the cards with eval results live here.
+    for name, path in models.items():
+        write_text(out_dir / "cards" / f"{name}.md", model_card(name, path, table[name], lineages.get(path, {})))
     log.info("report of %d models in %s", len(table), out_dir)
     return table
 

@@ -116,6 +116,7 @@ def test_repro_produces_every_output(project):
         "metrics/report/index.html",
         "metrics/report/leaderboard.md",
         "metrics/report/skill_matrix.png",
+        "metrics/report/cards/pretrain.md",
     ):
         assert (project / path).is_file(), path
     metrics = json.loads(dvc(project, "metrics", "show", "--json").stdout)

@@ -73,6 +73,13 @@ def test_html_is_self_contained_with_lineage(built):
     assert "&quot;learning_rate&quot;: 0.003" in page
 
 
+def test_model_cards_carry_metrics_and_lineage(built):
+    card = (built / "cards" / "pretrain.md").read_text()
+    assert "made by the `pretrain` stage from `data/tokens`" in card
+    assert "| `stories/acc` | 0.9 |" in card and '"learning_rate": 0.003' in card
+    assert not (built / "cards" / "expert_a.md").exists()  # not in dvc.lock: no lineage to show
+
+
 def test_lineage_reads_what_ran_from_dvc_lock(tmp_path):
     (tmp_path / "dvc.lock").write_text(LOCK)
     info = report.lineage(tmp_path / "dvc.lock")["models/pretrain"]
