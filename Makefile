@@ -56,6 +56,7 @@ check: install  ## validate params.yaml and dvc.yaml's params declarations; no c
 bench: install  ## throughput figures (not tests)
 	$(BIN)/python -m bench.bench_tokenize
 	$(BIN)/python -m bench.bench_pretrain
+	$(BIN)/python -m bench.bench_finetune
 
 lock:  ## re-resolve requirements/lock.txt from requirements/requirements.in (needs uv)
 	uv pip compile requirements/requirements.in --override requirements/overrides.txt \

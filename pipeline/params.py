@@ -8,6 +8,7 @@ stage cannot depend on a setting DVC does not know about (and would not rerun it
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,8 +120,8 @@ class DataSettings(Section):
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'A: ' + message['content'] + eos_token }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ 'A:\\n' + message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A:\\n' }}{% endif %}"
 )
 
 
@@ -297,7 +298,7 @@ class EvalSettings(Section):
     apply_chat_template: bool = Field(
         False,
         description="Render prompts with the model's chat template (instruct models such as Phi-3). "
-        "false: the embedded tasks write the default template's `Q: ...\\nA:` format themselves.",
+        "false: the embedded tasks write the default template's `Q: ...\\nA:\\n` format themselves.",
     )
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -315,6 +316,80 @@ class EvalSettings(Section):
         return self
 
 
+class SFTSettings(Section):
+    """Supervised fine-tuning through axolotl: the settings every expert shares (and may override)."""
+
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(0.002, gt=0, description="Peak learning rate.")
+    micro_batch_size: int = Field(32, ge=1, description="Rows per forward pass on one device.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    sequence_len: int = Field(128, ge=8, description="Longest row in tokens; axolotl drops longer rows.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    optimizer: str = Field("adamw_torch", description="Any optimizer axolotl knows (adamw_bnb_8bit needs a GPU).")
+    weight_decay: float = Field(0.0, ge=0)
+    adapter: Literal["none", "lora"] = Field(
+        "none", description="none: full fine-tune; lora: train a LoRA adapter, merged into the model at the end."
+    )
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_linear: bool = Field(True, description="Adapt every linear layer (else q/v only).")
+    val_set_size: float = Field(0.05, ge=0, lt=0.5, description="Share of rows held out for the eval loss.")
+    max_dropped_share: float = Field(
+        0.01, ge=0, lt=1, description="Fail if more rows than this are longer than sequence_len (axolotl drops them)."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU with bf16, else fp32.")
+    flash_attention: bool = Field(False, description="flash-attn kernels (GPU only); otherwise SDPA.")
+    sample_packing: bool = Field(False, description="Pack several rows into one sequence.")
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+class ExpertSettings(Section):
+    """One expert: its dataset, and any SFT setting that differs from finetune.defaults."""
+
+    dataset: str = Field(description="A local .jsonl/.json/.parquet file of chat messages (`messages` column).")
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)
+    micro_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int | None = Field(None, ge=1)
+    sequence_len: int | None = Field(None, ge=8)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = None
+    warmup_steps: int | None = Field(None, ge=0)
+    optimizer: str | None = None
+    weight_decay: float | None = Field(None, ge=0)
+    adapter: Literal["none", "lora"] | None = None
+    lora_r: int | None = Field(None, ge=1)
+    lora_alpha: int | None = Field(None, ge=1)
+    lora_dropout: float | None = Field(None, ge=0, lt=1)
+    seed: int | None = None
+
+    def resolve(self, defaults: SFTSettings) -> SFTSettings:
+        """The defaults with this expert's overrides applied."""
+        overrides = {k: v for k, v in self.model_dump(exclude={"dataset"}).items() if v is not None}
+        return defaults.model_copy(update=overrides)
+
+
+class FinetuneSettings(Section):
+    """`finetune@<expert>` stages: SFT experts with axolotl (python -m stages.finetune)."""
+
+    base_model: str = Field("models/pretrain", description="Model folder to fine-tune (default: the pretrain output).")
+    defaults: SFTSettings = Field(default_factory=SFTSettings)
+    experts: dict[str, ExpertSettings] = Field(
+        default_factory=lambda: {skill: ExpertSettings(dataset=f"data/sft/{skill}.jsonl") for skill in SKILLS},
+        min_length=1,
+        description="Expert name -> its dataset and overrides. Each becomes a finetune@<name> stage.",
+    )
+
+    @model_validator(mode="after")
+    def _expert_names_are_plain(self) -> FinetuneSettings:
+        for name in self.experts:
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"expert name {name!r}: use lowercase letters, digits and _ (it names files)")
+        return self
+
+
 class Params(Section):
     """params.yaml: one section per stage."""
 
@@ -322,6 +397,7 @@ class Params(Section):
     tokenize: TokenizeSettings = Field(default_factory=TokenizeSettings)
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
 
 
 class ParamsError(ValueError):

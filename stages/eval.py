@@ -40,7 +40,7 @@ KEPT_METRICS = ("exact_match", "acc", "acc_norm", "word_perplexity", "bits_per_b
 def question_prompt(settings: EvalSettings) -> str:
     # With a chat template the model's own template wraps the question; otherwise write the
     # default template's format (pipeline/params.py DEFAULT_CHAT_TEMPLATE) out here.
-    return "{{question}}" if settings.apply_chat_template else "Q: {{question}}\nA:"
+    return "{{question}}" if settings.apply_chat_template else "Q: {{question}}\nA:\n"
 
 
 def local_dataset(path: Path) -> dict[str, Any]:
@@ -82,6 +82,8 @@ def embedded_task_configs(settings: EvalSettings, eval_dir: Path, corpus_dir: Pa
                     "doc_to_text": question_prompt(settings),
                     "doc_to_choice": "{{choices}}",
                     "doc_to_target": "label",
+                    # the prompt already ends with the template's newline before the answer
+                    "target_delimiter": " " if settings.apply_chat_template else "",
                     "metric_list": [
                         {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
@@ -236,14 +238,15 @@ def run(settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Pat
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--name", required=True, help="the model's name: this stage is eval@NAME in dvc.yaml")
+    parser.add_argument("--stage", required=True, help="this stage's name in dvc.yaml (e.g. eval@pretrain)")
+    parser.add_argument("--name", required=True, help="the model's name in the metrics and the report")
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face model folder to evaluate")
     parser.add_argument("--eval-sets", type=Path, required=True, help="folder of the embedded eval sets")
     parser.add_argument("--corpus", type=Path, required=True, help="corpus folder (test.jsonl: held-out text)")
     parser.add_argument("--raw", type=Path, required=True, help="output folder: task YAMLs, raw results, samples")
     parser.add_argument("--metrics", type=Path, required=True, help="stable metrics JSON (a DVC metric)")
     args = parser.parse_args(argv)
-    params = start(f"eval@{args.name}")
+    params = start(args.stage)
     configure_environment(hub_access=any(t not in EMBEDDED_TASKS and t not in params.eval.task_data
                                          for t in params.eval.tasks))  # fmt: skip
     write_json(args.metrics, run(params.eval, args.model, args.eval_sets, args.corpus, args.raw))

@@ -116,6 +116,18 @@ def read_curve(live_dir: Path, name: str) -> tuple[list[float], list[float]]:
     return [float(r[0]) for r in rows], [float(r[-1]) for r in rows]
 
 
+def expand_curves(curves: dict[str, Path]) -> dict[str, Path]:
+    """A dvclive folder as is; a folder of dvclive folders (one per expert) as NAME/SUBFOLDER each."""
+    expanded = {}
+    for name, folder in curves.items():
+        if (folder / "plots").is_dir():
+            expanded[name] = folder
+        else:
+            for child in sorted(p for p in folder.glob("*") if (p / "plots").is_dir()):
+                expanded[f"{name}/{child.name}"] = child
+    return expanded
+
+
 def plot_curves(curves: dict[str, Path], path: Path) -> None:
     import matplotlib
 
@@ -124,7 +136,7 @@ def plot_curves(curves: dict[str, Path], path: Path) -> None:
 
     figure, panels = plt.subplots(1, max(1, len(curves)), figsize=(5.5 * max(1, len(curves)), 3.6), squeeze=False)
     for axes, (name, live_dir) in zip(panels[0], curves.items(), strict=False):
-        for metric, style in (("train/loss", "-"), ("val/loss", "o-")):
+        for metric, style in (("train/loss", "-"), ("val/loss", "o-"), ("eval/loss", "o-")):
             steps, values = read_curve(live_dir, metric)
             if steps:
                 axes.plot(steps, values, style, label=metric, markersize=3)
@@ -240,15 +252,16 @@ pre {{ background: #f8f8f8; padding: 0.5rem; overflow-x: auto; }}
 
 
 def evaluated_models(lock_path: Path) -> dict[str, str]:
-    """Model name -> folder, read from the `eval@<name>` stages recorded in dvc.lock."""
+    """Model name -> folder, read from the eval stages (`stages.eval --name N --model M`) in dvc.lock."""
     if not lock_path.is_file():
         return {}
     stages = (YAML(typ="safe").load(lock_path.read_text()) or {}).get("stages") or {}
     models = {}
-    for stage, entry in stages.items():
-        match = re.search(r"--model\s+(\S+)", entry.get("cmd", ""))
-        if stage.startswith("eval@") and match:
-            models[stage.removeprefix("eval@")] = match.group(1)
+    for entry in stages.values():
+        command = " ".join(str(entry.get("cmd", "")).split())
+        name, model = re.search(r"--name\s+(\S+)", command), re.search(r"--model\s+(\S+)", command)
+        if "stages.eval" in command and name and model:
+            models[name.group(1)] = model.group(1)
     return models
 
 
@@ -262,7 +275,7 @@ def run(eval_dir: Path, curves: dict[str, Path], lock_path: Path, out_dir: Path)
     if skill_names(table):
         plot_skill_matrix(table, out_dir / "skill_matrix.png")
         images.append(out_dir / "skill_matrix.png")
-    plot_curves(curves, out_dir / "curves.png")
+    plot_curves(expand_curves(curves), out_dir / "curves.png")
     images.append(out_dir / "curves.png")
     models = {name: path for name, path in evaluated_models(lock_path).items() if name in table}
     lineages = lineage(lock_path)

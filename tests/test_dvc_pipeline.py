@@ -36,8 +36,11 @@ def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
     return sh(project, str(BIN / "dvc"), *args, check=check)
 
 
-def stages_run(result: subprocess.CompletedProcess) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", result.stdout)
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
+
+
+EXPERTS = ["finetune@addition", "finetune@counting", "eval_expert@addition", "eval_expert@counting"]
 
 
 def set_params(project: Path, **updates: object) -> None:
@@ -92,6 +95,14 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pretrain__sample_max_new_tokens=4,
         pretrain__peak_flops=1.0e11,
         eval__limit=4,
+        finetune__defaults__max_steps=5,
+        finetune__defaults__micro_batch_size=8,
+        finetune__defaults__sequence_len=64,
+        finetune__defaults__warmup_steps=1,
+        finetune__experts={
+            "addition": {"dataset": "data/sft/addition.jsonl"},
+            "counting": {"dataset": "data/sft/counting.jsonl"},
+        },
     )
     sh(root, "git", "init", "-q")
     sh(root, "git", "add", "-A")
@@ -101,7 +112,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_produces_every_output(project):
     result = dvc(project, "repro")
-    assert stages_run(result) == ["data", "tokenize", "pretrain", "eval@pretrain", "report"]
+    assert stages_run(result) == {"data", "tokenize", "pretrain", "eval@pretrain", "report", *EXPERTS}
     for path in (
         "data/corpus/train.jsonl",
         "data/sft/counting.jsonl",
@@ -117,6 +128,9 @@ def test_repro_produces_every_output(project):
         "metrics/report/leaderboard.md",
         "metrics/report/skill_matrix.png",
         "metrics/report/cards/pretrain.md",
+        "metrics/report/cards/counting.md",
+        "models/experts/addition/model.safetensors",
+        "metrics/finetune/counting.json",
     ):
         assert (project / path).is_file(), path
     metrics = json.loads(dvc(project, "metrics", "show", "--json").stdout)
@@ -130,26 +144,27 @@ def test_repro_produces_every_output(project):
 
 def test_second_repro_does_nothing(project):
     result = dvc(project, "repro")
-    assert stages_run(result) == []
+    assert stages_run(result) == set()
     assert "Data and pipelines are up to date" in result.stdout
 
 
 def test_changing_a_param_reruns_only_its_stages(project):
-    downstream = ["eval@pretrain", "report"]
+    evals = {"eval@pretrain", "eval_expert@addition", "eval_expert@counting", "report"}
     set_params(project, eval__limit=3)
-    assert stages_run(dvc(project, "repro")) == downstream
+    assert stages_run(dvc(project, "repro")) == evals
+
+    # one expert's setting: that expert, its eval and the report; never the other expert
+    set_params(project, finetune__experts__addition__learning_rate=0.001)
+    assert stages_run(dvc(project, "repro")) == {"finetune@addition", "eval_expert@addition", "report"}
 
     set_params(project, pretrain__learning_rate=0.002)
-    assert stages_run(dvc(project, "repro")) == ["pretrain", *downstream]
+    assert stages_run(dvc(project, "repro")) == {"pretrain", *EXPERTS, *evals}
 
     set_params(project, tokenize__vocab_size=500)
     status = dvc(project, "status").stdout
     assert "tokenize:" in status and "data:" not in status
-    assert stages_run(dvc(project, "repro")) == ["tokenize", "pretrain", *downstream]
+    assert stages_run(dvc(project, "repro")) == {"tokenize", "pretrain", *EXPERTS, *evals}
     assert json.loads((project / "metrics/tokenize.json").read_text())["vocab_size"] == 500
-
-    set_params(project, data__seed=7)
-    assert stages_run(dvc(project, "repro")) == ["data", "tokenize", "pretrain", *downstream]
 
 
 def test_bad_param_fails_before_work_and_nothing_is_lost(project):
@@ -162,7 +177,7 @@ def test_bad_param_fails_before_work_and_nothing_is_lost(project):
     # fixing the setting brings them back without recomputing anything.
     set_params(project, tokenize__vocab_size=500)
     result = dvc(project, "repro")
-    assert stages_run(result) == [] and "skipping run, checking out outputs" in result.stdout
+    assert stages_run(result) == set() and "skipping run, checking out outputs" in result.stdout
     assert (project / "data/tokens/train.bin").read_bytes() == before
 
 
@@ -186,7 +201,7 @@ def test_killed_pretrain_resumes_under_dvc_repro(project):
     os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
     process.wait()
     result = dvc(project, "repro")
-    assert stages_run(result) == ["pretrain", "eval@pretrain", "report"]
+    assert stages_run(result) == {"pretrain", "eval@pretrain", "report", *EXPERTS}
     assert "resuming from" in result.stderr and "step-0000" in result.stderr
     assert json.loads((project / "metrics/pretrain.json").read_text())["steps"] == 400
 

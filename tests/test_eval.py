@@ -54,7 +54,7 @@ def test_exact_match_agrees_with_direct_greedy_generation(tiny_pretrained, tiny_
     questions = [json.loads(line) for line in (tiny_data / "eval" / "addition.jsonl").read_text().splitlines()][:10]
     rows = []
     for index, item in enumerate(questions):
-        prompt = f"Q: {item['question']}\nA:"
+        prompt = f"Q: {item['question']}\nA:\n"
         ids = tokenizer(prompt, return_tensors="pt")  # adds BOS, as the eval stage asks lm-eval to
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -106,6 +106,6 @@ def test_prompts_follow_the_chat_template_setting(tmp_path):
     chat = evaluation.embedded_task_configs(
         EvalSettings(tasks=["skills"], apply_chat_template=True), eval_dir, eval_dir
     )
-    assert plain[0]["doc_to_text"] == "Q: {{question}}\nA:"  # the default chat template's format
+    assert plain[0]["doc_to_text"] == "Q: {{question}}\nA:\n"  # the default chat template's format
     assert chat[0]["doc_to_text"] == "{{question}}"
-    assert load_params().tokenize.chat_template  # the default template renders "Q: ...\nA:" (test_tokenize)
+    assert load_params().tokenize.chat_template  # renders "Q: ...\nA:\n" too (test_tokenize)

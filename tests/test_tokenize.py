@@ -55,9 +55,9 @@ def test_digits_are_split(tokenizer):
 
 def test_chat_template_renders_the_sft_format(tokenizer):
     messages = [{"role": "user", "content": "What is 4 plus 3?"}, {"role": "assistant", "content": "7"}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == "<s>Q: What is 4 plus 3?\nA: 7</s>"
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "<s>Q: What is 4 plus 3?\nA:\n7</s>"
     prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    assert prompt == "<s>Q: What is 4 plus 3?\nA:"
+    assert prompt == "<s>Q: What is 4 plus 3?\nA:\n"
     # The answer tokens are the same whether the model sees the prompt or the whole turn.
     full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]

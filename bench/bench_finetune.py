@@ -1,0 +1,63 @@
+"""Where an expert's fine-tuning time goes: axolotl start-up, data preparation, training steps.
+
+    python -m bench.bench_finetune      (or `make bench`; needs `make run` first for the base model)
+
+Runs the default `addition` expert's generated axolotl config three ways: importing axolotl's
+CLI alone (start-up), `axolotl.cli.preprocess` (start-up + tokenizing the dataset), and
+`axolotl.cli.train` (start-up + loading the prepared data + model load + steps + save), and
+reads the trainer's own `train_runtime` for the steps.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from pipeline.params import PROJECT_ROOT, load_params
+from pipeline.stage import configure_environment
+from stages import finetune
+
+
+def timed(command: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    return time.perf_counter() - started, result.stdout + result.stderr
+
+
+def main() -> None:
+    configure_environment()
+    params = load_params()
+    expert = params.finetune.experts["addition"]
+    settings = expert.resolve(params.finetune.defaults)
+    base = params.finetune.base_model
+    if not (PROJECT_ROOT / base / "config.json").is_file():
+        raise SystemExit(f"error: {base} is missing: run `make run` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        config = finetune.axolotl_config(settings, base, expert.dataset, work, finetune.use_bf16(settings))
+        config["plugins"] = []  # time axolotl alone
+        config_path = work / "axolotl.yaml"
+        with open(config_path, "w") as handle:
+            YAML().dump(config, handle)
+        python = sys.executable
+        startup, _ = timed([python, "-c", "import axolotl.cli.train, axolotl.train"])
+        preprocess, _ = timed([python, "-m", "axolotl.cli.preprocess", str(config_path)])
+        train, log = timed([python, "-m", "axolotl.cli.train", str(config_path)])
+    steps = float(re.search(r"'train_runtime': '?([\d.]+)", log).group(1))
+    print(f"expert 'addition': {settings.max_steps} steps, micro-batch {settings.micro_batch_size}, "
+          f"sequence_len {settings.sequence_len}")  # fmt: skip
+    print(f"axolotl start-up (imports)          : {startup:6.1f} s")
+    print(f"data preparation (preprocess - start): {preprocess - startup:6.1f} s")
+    print(f"training steps (trainer runtime)    : {steps:6.1f} s  ({settings.max_steps / steps:.1f} steps/s)")
+    print(f"rest of train (start-up, load, save) : {train - steps:6.1f} s")
+    print(f"one expert through the stage        : ~{train:6.1f} s (train), + {preprocess:.1f} s if run separately")
+
+
+if __name__ == "__main__":
+    main()

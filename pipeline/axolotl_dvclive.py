@@ -1,0 +1,44 @@
+"""An axolotl plugin that sends the trainer's logs to dvclive (axolotl has no dvclive reporter).
+
+The finetune stage lists `pipeline.axolotl_dvclive.DVCLivePlugin` under `plugins:` in the
+generated axolotl config and names the dvclive folder in PIPELINE_DVCLIVE_DIR. Curves are
+indexed by optimizer step (transformers' own DVCLiveCallback counts log calls instead).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+from transformers import TrainerCallback
+
+DVCLIVE_DIR_VARIABLE = "PIPELINE_DVCLIVE_DIR"
+CURVES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/lr", "eval_loss": "eval/loss"}
+
+
+class DVCLiveLogger(TrainerCallback):
+    def __init__(self, folder: str):
+        from dvclive import Live
+
+        # No dvc.yaml rewrites and no experiment commits from inside a stage: the stage
+        # declares these curves in dvc.yaml itself.
+        self.live = Live(dir=folder, save_dvc_exp=False, dvcyaml=False, report=None)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        self.live.step = state.global_step
+        for key, name in CURVES.items():
+            if isinstance(logs.get(key), int | float):
+                self.live.log_metric(name, logs[key])
+        self.live.make_summary()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.live.end()
+
+
+class DVCLivePlugin(BasePlugin):
+    def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list[Any]:
+        folder = os.environ.get(DVCLIVE_DIR_VARIABLE)
+        return [DVCLiveLogger(folder)] if folder else []

@@ -1,0 +1,219 @@
+"""`finetune@<expert>` stage: one SFT expert, trained by axolotl from a generated config.
+
+    python -m stages.finetune --expert addition --base-model models/pretrain \
+        --out models/experts/addition --work models/.finetune_work/addition \
+        --live metrics/finetune/addition --metrics metrics/finetune/addition.json
+
+The stage turns the validated settings (finetune.defaults + finetune.experts.<expert>) into an
+axolotl config (saved as axolotl.yaml in the output folder), checks that no more than
+`max_dropped_share` of the rows are too long for `sequence_len` (axolotl drops those silently),
+runs `axolotl.cli.train` in a subprocess (and `axolotl.cli.merge_lora` for LoRA), and copies
+only the model files from axolotl's work folder into the output, so that an identical rerun
+gives identical output hashes (axolotl's own output folder also holds timestamped logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+from pipeline.atomic import atomic_dir, dumps_json, write_json
+from pipeline.axolotl_dvclive import DVCLIVE_DIR_VARIABLE
+from pipeline.params import PROJECT_ROOT, SFTSettings
+from pipeline.stage import configure_environment, start
+
+log = logging.getLogger("stages.finetune")
+
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "special_tokens_map.json")  # fmt: skip
+
+
+def use_bf16(settings: SFTSettings) -> bool:
+    import torch
+
+    if settings.precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return settings.precision == "bf16"
+
+
+def axolotl_config(settings: SFTSettings, base_model: str, dataset: str, work_dir: Path, bf16: bool) -> dict[str, Any]:
+    """The axolotl configuration for one expert (keys as in axolotl's config reference)."""
+    config: dict[str, Any] = {
+        "base_model": base_model,
+        "datasets": [
+            {
+                "path": str(Path(dataset).resolve()),
+                "ds_type": "json",
+                "type": "chat_template",
+                "field_messages": "messages",
+            }
+        ],
+        "chat_template": "tokenizer_default",
+        # loss on the assistant's answer (and its end-of-turn token) only; the prompt is masked
+        "roles_to_train": ["assistant"],
+        "train_on_eos": "turn",
+        "sequence_len": settings.sequence_len,
+        "sample_packing": settings.sample_packing,
+        "micro_batch_size": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "max_steps": settings.max_steps,
+        "learning_rate": settings.learning_rate,
+        "optimizer": settings.optimizer,
+        "weight_decay": settings.weight_decay,
+        "lr_scheduler": settings.lr_scheduler,
+        "warmup_steps": settings.warmup_steps,
+        "val_set_size": settings.val_set_size,
+        "eval_steps": settings.max_steps if settings.val_set_size else None,  # one eval, at the end
+        "seed": settings.seed,
+        "output_dir": str(work_dir / "output"),
+        "dataset_prepared_path": str(work_dir / "prepared"),
+        "logging_steps": max(1, min(10, settings.max_steps // 10)),
+        # quoted: axolotl reads YAML 1.1, where a bare `no` is the boolean false
+        "save_strategy": DoubleQuotedScalarString("no"),
+        "bf16": bf16,
+        "fp16": False,  # on CPU axolotl would otherwise pick fp16 and fail on a dtype mismatch
+        "tf32": False,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "plugins": ["pipeline.axolotl_dvclive.DVCLivePlugin"],
+    }
+    config["attn_implementation"] = "flash_attention_2" if settings.flash_attention else "sdpa"
+    if settings.adapter == "lora":
+        config.update(
+            adapter="lora",
+            lora_r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            lora_target_linear=settings.lora_target_linear,
+            # axolotl's Triton LoRA kernels need CUDA
+            lora_mlp_kernel=bf16,
+            lora_qkv_kernel=bf16,
+            lora_o_kernel=bf16,
+        )
+    return {key: value for key, value in config.items() if value is not None}
+
+
+def count_long_rows(dataset: Path, tokenizer: Any, sequence_len: int) -> tuple[int, int]:
+    """(rows, rows longer than sequence_len once rendered with the chat template)."""
+    rows = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
+    lengths = [len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
+               for row in rows]  # fmt: skip
+    too_long = sum(length > sequence_len for length in lengths)
+    return len(rows), too_long
+
+
+def check_row_lengths(settings: SFTSettings, dataset: Path, tokenizer: Any, expert: str) -> None:
+    rows, too_long = count_long_rows(dataset, tokenizer, settings.sequence_len)
+    if not rows:
+        raise SystemExit(f"error: finetune.experts.{expert}.dataset {dataset} has no rows")
+    if too_long == rows or too_long / rows > settings.max_dropped_share:
+        raise SystemExit(
+            f"error: {too_long} of {rows} rows of {dataset} are longer than sequence_len {settings.sequence_len} "
+            f"tokens; axolotl would drop them (max_dropped_share is {settings.max_dropped_share}). Raise "
+            f"finetune sequence_len or max_dropped_share."
+        )
+    log.info("%d rows, %d longer than %d tokens (dropped by axolotl)", rows, too_long, settings.sequence_len)
+
+
+def run_axolotl(module: str, config_path: Path, live_dir: Path, *extra: str) -> None:
+    env = {**os.environ, DVCLIVE_DIR_VARIABLE: str(live_dir.resolve()),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    command = [sys.executable, "-m", module, str(config_path), *extra]
+    log.info("running %s", " ".join(command))
+    result = subprocess.run(command, env=env, cwd=PROJECT_ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {module} failed with exit code {result.returncode} (its log is above)")
+
+
+def run(
+    settings: SFTSettings, expert: str, base_model: str, dataset: Path, out_dir: Path, work_dir: Path, live_dir: Path
+) -> dict[str, Any]:
+    """Fine-tune one expert; write the model folder; return summary metrics."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    check_row_lengths(settings, dataset, tokenizer, expert)
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    if live_dir.exists():
+        shutil.rmtree(live_dir)
+    config = axolotl_config(settings, base_model, str(dataset), work_dir, use_bf16(settings))
+    config_path = work_dir / "axolotl.yaml"
+    with open(config_path, "w") as handle:
+        YAML().dump(config, handle)
+    run_axolotl("axolotl.cli.train", config_path, live_dir)
+    trained = work_dir / "output"
+    if settings.adapter == "lora":
+        run_axolotl("axolotl.cli.merge_lora", config_path, live_dir, f"--lora-model-dir={trained}")
+        trained = trained / "merged"
+
+    with atomic_dir(out_dir) as tmp:
+        for path in sorted(trained.iterdir()):
+            if (
+                path.name in MODEL_FILES
+                or path.suffix == ".safetensors"
+                or path.name.endswith(".safetensors.index.json")
+            ):
+                shutil.copy2(path, tmp / path.name)
+        shutil.copy2(config_path, tmp / "axolotl.yaml")
+        summary = summarize(live_dir)
+        (tmp / "README.md").write_text(model_card(expert, base_model, str(dataset), settings, summary))
+    shutil.rmtree(work_dir)
+    return summary
+
+
+def summarize(live_dir: Path) -> dict[str, Any]:
+    """Last train loss and eval loss, from the dvclive summary the plugin wrote."""
+    values = json.loads((live_dir / "metrics.json").read_text())
+    summary = {f"{group}/loss": round(values[group]["loss"], 4) for group in ("train", "eval") if group in values}
+    summary["steps"] = values.get("step")
+    return summary
+
+
+def model_card(expert: str, base_model: str, dataset: str, settings: SFTSettings, summary: dict[str, Any]) -> str:
+    return f"""# Expert `{expert}`
+
+Fine-tuned by this project's `finetune@{expert}` stage with axolotl from `{base_model}` on
+`{dataset}` (loss on the answers only). The generated axolotl config is `axolotl.yaml`.
+
+## Final metrics
+
+```json
+{dumps_json(summary)}```
+
+## SFT settings
+
+```json
+{dumps_json(settings.model_dump(mode="json"))}```
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--expert", required=True, help="expert name (a key of finetune.experts)")
+    parser.add_argument("--base-model", required=True, help="model folder to start from")
+    parser.add_argument("--out", type=Path, required=True, help="output model folder")
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder for axolotl's own outputs")
+    parser.add_argument("--live", type=Path, required=True, help="dvclive folder (curves)")
+    parser.add_argument("--metrics", type=Path, required=True, help="summary JSON (a DVC metric)")
+    args = parser.parse_args(argv)
+    params = start(f"finetune@{args.expert}")
+    expert = params.finetune.experts[args.expert]
+    settings = expert.resolve(params.finetune.defaults)
+    configure_environment()
+    summary = run(settings, args.expert, args.base_model, Path(expert.dataset), args.out, args.work, args.live)
+    write_json(args.metrics, summary)
+
+
+if __name__ == "__main__":
+    main()
