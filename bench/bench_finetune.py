@@ -52,11 +52,12 @@ def main() -> None:
     steps = float(re.search(r"'train_runtime': '?([\d.]+)", log).group(1))
     print(f"expert 'addition': {settings.max_steps} steps, micro-batch {settings.micro_batch_size}, "
           f"sequence_len {settings.sequence_len}")  # fmt: skip
-    print(f"axolotl start-up (imports)          : {startup:6.1f} s")
-    print(f"data preparation (preprocess - start): {preprocess - startup:6.1f} s")
-    print(f"training steps (trainer runtime)    : {steps:6.1f} s  ({settings.max_steps / steps:.1f} steps/s)")
-    print(f"rest of train (start-up, load, save) : {train - steps:6.1f} s")
-    print(f"one expert through the stage        : ~{train:6.1f} s (train), + {preprocess:.1f} s if run separately")
+    load_and_save = train - startup - steps  # the train run found the data already prepared
+    print(f"axolotl start-up (imports)     : {startup:6.1f} s")
+    print(f"data preparation (tokenizing)  : {preprocess - startup:6.1f} s")
+    print(f"training steps (trainer time)  : {steps:6.1f} s  ({settings.max_steps / steps:.1f} steps/s)")
+    print(f"model load, eval, save         : {load_and_save:6.1f} s")
+    print(f"one expert in the stage        : {startup + (preprocess - startup) + steps + load_and_save:6.1f} s")
 
 
 if __name__ == "__main__":
