@@ -52,7 +52,9 @@ def axolotl_config(settings: SFTSettings, base_model: str, dataset: str, work_di
         "base_model": base_model,
         "datasets": [
             {
-                "path": str(Path(dataset).resolve()),
+                # as given: a relative path resolves against the project root, where axolotl
+                # runs, so the saved config does not depend on where the project is checked out
+                "path": dataset,
                 "ds_type": "json",
                 "type": "chat_template",
                 "field_messages": "messages",
