@@ -121,7 +121,7 @@ def check_row_lengths(settings: SFTSettings, dataset: Path, tokenizer: Any, expe
         raise SystemExit(
             f"error: {too_long} of {rows} rows of {dataset} are longer than sequence_len {settings.sequence_len} "
             f"tokens; axolotl would drop them (max_dropped_share is {settings.max_dropped_share}). Raise "
-            f"finetune sequence_len or max_dropped_share."
+            f"finetune.experts.{expert}.sequence_len (or finetune.defaults.sequence_len), or max_dropped_share."
         )
     log.info("%d rows, %d longer than %d tokens (dropped by axolotl)", rows, too_long, settings.sequence_len)
 
