@@ -35,6 +35,10 @@ log = logging.getLogger("stages.eval")
 # Metrics kept in metrics/eval/<model>.json, per output type; lm-eval reports each with a filter
 # suffix (",none" or ",strip").
 KEPT_METRICS = ("exact_match", "acc", "acc_norm", "word_perplexity", "bits_per_byte")
+CHOICE_METRICS = [
+    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+]
 
 
 def question_prompt(settings: EvalSettings) -> str:
@@ -84,10 +88,7 @@ def embedded_task_configs(settings: EvalSettings, eval_dir: Path, corpus_dir: Pa
                     "doc_to_target": "label",
                     # the prompt already ends with the template's newline before the answer
                     "target_delimiter": " " if settings.apply_chat_template else "",
-                    "metric_list": [
-                        {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-                    ],
+                    "metric_list": CHOICE_METRICS,
                 }
             )
     if "stories" in settings.tasks:
@@ -100,10 +101,7 @@ def embedded_task_configs(settings: EvalSettings, eval_dir: Path, corpus_dir: Pa
                 "doc_to_choice": "{{endings}}",
                 "doc_to_target": "label",
                 "target_delimiter": "",  # every ending starts with its own space
-                "metric_list": [
-                    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-                ],
+                "metric_list": CHOICE_METRICS,
             }
         )
     if "perplexity" in settings.tasks:
