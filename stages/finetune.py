@@ -5,8 +5,9 @@
         --live metrics/finetune/addition --metrics metrics/finetune/addition.json
 
 The stage turns the validated settings (finetune.defaults + finetune.experts.<expert>) into an
-axolotl config (saved as axolotl.yaml in the output folder), checks that no more than
-`max_dropped_share` of the rows are too long for `sequence_len` (axolotl drops those silently),
+axolotl config (saved as axolotl.yaml in the output folder), checks before training and again
+in axolotl's prepared dataset that no more than `max_dropped_share` of the rows are too long
+for `sequence_len` (axolotl drops those without a word),
 runs `axolotl.cli.train` in a subprocess (and `axolotl.cli.merge_lora` for LoRA), and copies
 only the model files from axolotl's work folder into the output, so that an identical rerun
 gives identical output hashes (axolotl's own output folder also holds timestamped logs).
@@ -113,17 +114,23 @@ def count_long_rows(dataset: Path, tokenizer: Any, sequence_len: int) -> tuple[i
     return len(rows), too_long
 
 
-def check_row_lengths(settings: SFTSettings, dataset: Path, tokenizer: Any, expert: str) -> None:
-    rows, too_long = count_long_rows(dataset, tokenizer, settings.sequence_len)
+def check_dropped(settings: SFTSettings, dataset: Path, expert: str, rows: int, dropped: int, when: str) -> None:
     if not rows:
         raise SystemExit(f"error: finetune.experts.{expert}.dataset {dataset} has no rows")
-    if too_long == rows or too_long / rows > settings.max_dropped_share:
+    if dropped == rows or dropped / rows > settings.max_dropped_share:
         raise SystemExit(
-            f"error: {too_long} of {rows} rows of {dataset} are longer than sequence_len {settings.sequence_len} "
-            f"tokens; axolotl would drop them (max_dropped_share is {settings.max_dropped_share}). Raise "
+            f"error: {dropped} of {rows} rows of {dataset} {when} longer than sequence_len {settings.sequence_len} "
+            f"tokens; axolotl drops them (max_dropped_share is {settings.max_dropped_share}). Raise "
             f"finetune.experts.{expert}.sequence_len (or finetune.defaults.sequence_len), or max_dropped_share."
         )
-    log.info("%d rows, %d longer than %d tokens (dropped by axolotl)", rows, too_long, settings.sequence_len)
+
+
+def prepared_rows(work_dir: Path) -> int:
+    """Rows axolotl kept: its prepared (tokenized and filtered) dataset, before the val split."""
+    from datasets import load_from_disk
+
+    (prepared,) = [p for p in (work_dir / "prepared").iterdir() if p.is_dir()]
+    return len(load_from_disk(str(prepared)))
 
 
 def run_axolotl(module: str, config_path: Path, live_dir: Path, *extra: str) -> None:
@@ -143,7 +150,9 @@ def run(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    check_row_lengths(settings, dataset, tokenizer, expert)
+    rows, too_long = count_long_rows(dataset, tokenizer, settings.sequence_len)
+    check_dropped(settings, dataset, expert, rows, too_long, "are")  # before any training
+    log.info("%d rows, %d longer than %d tokens", rows, too_long, settings.sequence_len)
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
@@ -154,6 +163,8 @@ def run(
     with open(config_path, "w") as handle:
         YAML().dump(config, handle)
     run_axolotl("axolotl.cli.train", config_path, live_dir)
+    kept = prepared_rows(work_dir)
+    check_dropped(settings, dataset, expert, rows, rows - kept, "were")  # what axolotl really did
     trained = work_dir / "output"
     if settings.adapter == "lora":
         run_axolotl("axolotl.cli.merge_lora", config_path, live_dir, f"--lora-model-dir={trained}")
@@ -168,7 +179,7 @@ def run(
             ):
                 shutil.copy2(path, tmp / path.name)
         shutil.copy2(config_path, tmp / "axolotl.yaml")
-        summary = summarize(live_dir)
+        summary = {**summarize(live_dir), "data/rows": rows, "data/rows_trained_on": kept}
         (tmp / "README.md").write_text(model_card(expert, base_model, str(dataset), settings, summary))
     shutil.rmtree(work_dir)
     return summary

@@ -41,6 +41,7 @@ def test_expert_trains_through_axolotl(expert):
     losses = curve(root, "train/loss")
     assert len(losses) >= 5 and losses[-1] < 0.7 * losses[0]
     assert summary["steps"] == 30 and summary["eval/loss"] < 0.7 * losses[0]
+    assert summary["data/rows"] == summary["data/rows_trained_on"] == 300  # none too long, none lost
     assert curve(root, "eval/loss") and curve(root, "train/lr")
 
 
@@ -94,7 +95,10 @@ def test_lora_adapter_is_merged_into_a_full_model(tiny_pretrained, tiny_data, tm
 
 def test_rows_too_long_fail_before_training(tiny_pretrained, tiny_data, tmp_path):
     settings = TINY_SFT.model_copy(update={"sequence_len": 12})
-    with pytest.raises(SystemExit, match=r"rows of .* are longer than sequence_len 12 tokens; axolotl would drop them"):
+    with pytest.raises(
+        SystemExit,
+        match=r"are longer than sequence_len 12 tokens; axolotl drops them.*finetune.experts.addition.sequence_len",
+    ):
         finetune_into(tmp_path, settings, tiny_pretrained[1] / "model", tiny_data / "sft" / "counting.jsonl")
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
