@@ -349,7 +349,10 @@ class SFTSettings(Section):
 class ExpertSettings(Section):
     """One expert: its dataset, and any SFT setting that differs from finetune.defaults."""
 
-    dataset: str = Field(description="A local .jsonl/.json/.parquet file of chat messages (`messages` column).")
+    dataset: str = Field(
+        description="A local .jsonl/.json/.parquet file of chat messages (`messages` column). Hub datasets: "
+        "bring them in with `dvc import-url` (tracked, cached) and point here."
+    )
     max_steps: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0)
     micro_batch_size: int | None = Field(None, ge=1)

@@ -35,6 +35,7 @@ from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.finetune")
 
+DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "special_tokens_map.json")  # fmt: skip
 
@@ -56,7 +57,7 @@ def axolotl_config(settings: SFTSettings, base_model: str, dataset: str, work_di
                 # as given: a relative path resolves against the project root, where axolotl
                 # runs, so the saved config does not depend on where the project is checked out
                 "path": dataset,
-                "ds_type": "json",
+                "ds_type": dataset_format(dataset),
                 "type": "chat_template",
                 "field_messages": "messages",
             }
@@ -105,13 +106,25 @@ def axolotl_config(settings: SFTSettings, base_model: str, dataset: str, work_di
     return {key: value for key, value in config.items() if value is not None}
 
 
+def dataset_format(dataset: str | Path) -> str:
+    """axolotl's `ds_type` for a local file."""
+    suffix = Path(dataset).suffix
+    if suffix not in DATASET_FORMATS:
+        raise SystemExit(f"error: expert dataset {dataset}: use a {', '.join(DATASET_FORMATS)} file of chat messages")
+    return DATASET_FORMATS[suffix]
+
+
 def count_long_rows(dataset: Path, tokenizer: Any, sequence_len: int) -> tuple[int, int]:
     """(rows, rows longer than sequence_len once rendered with the chat template)."""
-    rows = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
-    lengths = [len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
-               for row in rows]  # fmt: skip
+    from datasets import load_dataset
+
+    rows = load_dataset(dataset_format(dataset), data_files=str(dataset), split="train")
+    if "messages" not in rows.column_names:
+        raise SystemExit(f"error: expert dataset {dataset} has no `messages` column (columns: {rows.column_names})")
+    lengths = [len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+               for messages in rows["messages"]]  # fmt: skip
     too_long = sum(length > sequence_len for length in lengths)
-    return len(rows), too_long
+    return len(lengths), too_long
 
 
 def check_dropped(settings: SFTSettings, dataset: Path, expert: str, rows: int, dropped: int, when: str) -> None:

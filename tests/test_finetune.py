@@ -120,3 +120,23 @@ def test_gpu_profile_config_passes_axolotls_own_validation():
     validated = validate_config(DictDefault(config))
     assert validated.bf16 is True and validated.attn_implementation == "flash_attention_2"
     assert validated.adapter == "lora" and validated.sample_packing is True
+
+
+def test_parquet_datasets_and_their_checks(tiny_tokenized, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenized[0])
+    short = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes"}]
+    long = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "No"}]
+    path = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": short}, {"messages": short}, {"messages": long}]), path)
+    assert finetune.count_long_rows(path, tokenizer, 64) == (3, 1)
+    config = finetune.axolotl_config(SFTSettings(), "base", str(path), tmp_path, bf16=False)
+    assert config["datasets"][0]["ds_type"] == "parquet"
+    wrong = tmp_path / "plain.jsonl"
+    wrong.write_text('{"text": "no messages here"}\n')
+    with pytest.raises(SystemExit, match="has no `messages` column"):
+        finetune.count_long_rows(wrong, tokenizer, 64)
+    with pytest.raises(SystemExit, match=r"use a .jsonl, .json, .parquet file"):
+        finetune.dataset_format("chat.csv")
