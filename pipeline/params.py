@@ -519,7 +519,11 @@ def check(root: Path = PROJECT_ROOT) -> list[str]:
     params = load_params(root / "params.yaml")
     report, problems = [], []
     with Repo(str(root)) as repo:
-        for stage in repo.index.stages:
+        try:
+            stages = list(repo.index.stages)
+        except Exception as error:  # DVC's parse errors for dvc.yaml come in several types
+            raise ParamsError(f"dvc.yaml cannot be resolved against params.yaml: {error}") from None
+        for stage in stages:
             keys = [key for dep in stage.deps for key in (getattr(dep, "params", None) or [])]
             for key in keys:
                 try:

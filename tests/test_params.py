@@ -147,16 +147,25 @@ def test_make_check_cli_reports_bad_key(tmp_path):
     project = tmp_path / "project"
     shutil.copytree(PROJECT_ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")
-    (project / "params.yaml").write_text("tokenize:\n  vocab_size: -3\n")
+    shipped = (PROJECT_ROOT / "params.yaml").read_text()
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=project, check=True)
-    result = subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=project, capture_output=True, text=True)
+
+    def make_check(params_text: str) -> subprocess.CompletedProcess:
+        (project / "params.yaml").write_text(params_text)
+        return subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=project, capture_output=True, text=True)
+
+    result = make_check(shipped.replace("vocab_size: 2048", "vocab_size: -3"))
     assert result.returncode != 0
     assert "tokenize.vocab_size" in result.stderr and "greater than or equal to 300" in result.stderr
 
-    (project / "params.yaml").write_text("tokenize:\n  vocab_size: 500\n")
-    result = subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=project, capture_output=True, text=True)
+    result = make_check(shipped.replace("vocab_size: 2048", "vocab_size: 500"))
     assert result.returncode == 0, result.stderr
-    assert "params.yaml is valid" in result.stdout and "tokenize: tokenize" in result.stdout
+    assert "params.yaml is valid" in result.stdout and "finetune@addition: finetune.base_model" in result.stdout
+
+    # dvc.yaml interpolates finetune.experts from params.yaml: without it, say so plainly
+    result = make_check("tokenize:\n  vocab_size: 500\n")
+    assert result.returncode != 0 and "dvc.yaml" in result.stderr and "finetune" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
