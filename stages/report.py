@@ -159,13 +159,17 @@ def save_figure(figure: Any, path: Path) -> None:
     plt.close(figure)
 
 
-def lineage(lock_path: Path) -> dict[str, dict[str, Any]]:
-    """Output path -> {stage, command, parents, params} from dvc.lock (what actually ran)."""
+def lock_stages(lock_path: Path) -> dict[str, dict[str, Any]]:
+    """Stage name -> its entry in dvc.lock (what actually ran); empty before the first run."""
     if not lock_path.is_file():
         return {}
-    lock = YAML(typ="safe").load(lock_path.read_text()) or {}
+    return (YAML(typ="safe").load(lock_path.read_text()) or {}).get("stages") or {}
+
+
+def lineage(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Output path -> {stage, command, parents, params} of the stage that made it."""
     produced: dict[str, dict[str, Any]] = {}
-    for stage, entry in (lock.get("stages") or {}).items():
+    for stage, entry in stages.items():
         info = {
             "stage": stage,
             "command": entry.get("cmd", ""),
@@ -251,11 +255,8 @@ pre {{ background: #f8f8f8; padding: 0.5rem; overflow-x: auto; }}
 """
 
 
-def evaluated_models(lock_path: Path) -> dict[str, str]:
-    """Model name -> folder, read from the eval stages (`stages.eval --name N --model M`) in dvc.lock."""
-    if not lock_path.is_file():
-        return {}
-    stages = (YAML(typ="safe").load(lock_path.read_text()) or {}).get("stages") or {}
+def evaluated_models(stages: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Model name -> folder, read from the eval stages (`stages.eval --name N --model M`)."""
     models = {}
     for entry in stages.values():
         command = " ".join(str(entry.get("cmd", "")).split())
@@ -277,8 +278,9 @@ def run(eval_dir: Path, curves: dict[str, Path], lock_path: Path, out_dir: Path)
         images.append(out_dir / "skill_matrix.png")
     plot_curves(expand_curves(curves), out_dir / "curves.png")
     images.append(out_dir / "curves.png")
-    models = {name: path for name, path in evaluated_models(lock_path).items() if name in table}
-    lineages = lineage(lock_path)
+    stages = lock_stages(lock_path)
+    models = {name: path for name, path in evaluated_models(stages).items() if name in table}
+    lineages = lineage(stages)
     write_text(out_dir / "index.html", html_report(table, models, lineages, images))
     # Model folders belong to the stages that made them, so the cards with eval results live here.
     for name, path in models.items():

@@ -82,9 +82,11 @@ def test_model_cards_carry_metrics_and_lineage(built):
 
 def test_lineage_reads_what_ran_from_dvc_lock(tmp_path):
     (tmp_path / "dvc.lock").write_text(LOCK)
-    info = report.lineage(tmp_path / "dvc.lock")["models/pretrain"]
+    stages = report.lock_stages(tmp_path / "dvc.lock")
+    info = report.lineage(stages)["models/pretrain"]
     assert info["stage"] == "pretrain" and info["parents"] == ["data/tokens"]
-    assert report.evaluated_models(tmp_path / "dvc.lock") == {"pretrain": "models/pretrain"}
+    assert report.evaluated_models(stages) == {"pretrain": "models/pretrain"}
+    assert report.lock_stages(tmp_path / "missing.lock") == {}
 
 
 def chromium() -> str | None:
