@@ -65,6 +65,6 @@ lock:  ## re-resolve requirements/lock.txt from requirements/requirements.in (ne
 	  > requirements/lock.txt
 
 clean:  ## remove generated outputs (not the venv, not the DVC cache)
-	rm -rf data/corpus data/sft data/eval data/tokens models/tokenizer models/pretrain models/pretrain_checkpoints \
+	rm -rf data/hub metrics/hub data/corpus data/sft data/eval data/tokens models/tokenizer models/pretrain models/pretrain_checkpoints \
 	  models/experts models/.finetune_work metrics/*.json metrics/pretrain metrics/pretrain_samples.md \
 	  metrics/finetune metrics/eval metrics/eval_raw metrics/report

@@ -350,8 +350,8 @@ class ExpertSettings(Section):
     """One expert: its dataset, and any SFT setting that differs from finetune.defaults."""
 
     dataset: str = Field(
-        description="A local .jsonl/.json/.parquet file of chat messages (`messages` column). Hub datasets: "
-        "bring them in with `dvc import-url` (tracked, cached) and point here."
+        description="A .jsonl/.json/.parquet file of chat messages (`messages` column): generated, local, "
+        "or a file of a hub dataset fetched by a `hub` entry (data/hub/<name>/...)."
     )
     max_steps: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0)
@@ -377,7 +377,11 @@ class ExpertSettings(Section):
 class FinetuneSettings(Section):
     """`finetune@<expert>` stages: SFT experts with axolotl (python -m stages.finetune)."""
 
-    base_model: str = Field("models/pretrain", description="Model folder to fine-tune (default: the pretrain output).")
+    base_model: str = Field(
+        "models/pretrain",
+        description="Model folder to fine-tune: the pretrain output (default), any local Hugging Face model "
+        "folder, or a hub model fetched by a `hub` entry (data/hub/<name>).",
+    )
     defaults: SFTSettings = Field(default_factory=SFTSettings)
     experts: dict[str, ExpertSettings] = Field(
         default_factory=lambda: {skill: ExpertSettings(dataset=f"data/sft/{skill}.jsonl") for skill in SKILLS},
@@ -393,14 +397,47 @@ class FinetuneSettings(Section):
         return self
 
 
+class HubSource(Section):
+    """One snapshot of a Hugging Face hub repository: the hub@<name> stage fetches it into data/hub/<name>."""
+
+    repo_id: str = Field(description="Repository id, e.g. 'vonjack/Phi-3-mini-4k-instruct-LLaMAfied'.")
+    repo_type: Literal["model", "dataset"] = "model"
+    revision: str = Field(
+        description="A commit sha (reproducible), or a branch or tag: resolved once when the stage runs; "
+        "DVC reruns the download when this setting changes, not when the branch moves."
+    )
+    allow_patterns: list[str] | None = Field(
+        None, description="Fetch only matching files, e.g. ['*.json', '*.safetensors'] or ['data/train-*.parquet']."
+    )
+
+
 class Params(Section):
     """params.yaml: one section per stage."""
 
+    hub: dict[str, HubSource] = Field(
+        default_factory=dict, description="Name -> hub repository snapshot; each is a hub@<name> stage."
+    )
     data: DataSettings = Field(default_factory=DataSettings)
     tokenize: TokenizeSettings = Field(default_factory=TokenizeSettings)
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+
+    @model_validator(mode="after")
+    def _hub_names_are_plain_and_used_ones_exist(self) -> Params:
+        for name in self.hub:
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"hub name {name!r}: use lowercase letters, digits and _ (it names a folder)")
+        used = {"finetune.base_model": self.finetune.base_model}
+        used.update({f"finetune.experts.{name}.dataset": e.dataset for name, e in self.finetune.experts.items()})
+        for key, path in used.items():
+            parts = Path(path).parts
+            if parts[:2] == ("data", "hub") and (len(parts) < 3 or parts[2] not in self.hub):
+                raise ValueError(
+                    f"{key} is {path!r}, but data/hub/<name> folders come from `hub` entries and there is none "
+                    f"named {parts[2] if len(parts) > 2 else '(missing)'!r} (hub entries: {sorted(self.hub) or 'none'})"
+                )
+        return self
 
 
 class ParamsError(ValueError):
@@ -534,9 +571,31 @@ def check(root: Path = PROJECT_ROOT) -> list[str]:
                         "which params.yaml's schema does not have"
                     )
             report.append(f"  {stage.addressing}: {', '.join(keys) or '(no params)'}")
+        problems.extend(missing_dependencies(stages, root))
     if problems:
         raise ParamsError("\n".join(problems))
     return report
+
+
+def missing_dependencies(stages: list[Any], root: Path) -> list[str]:
+    """Deps that neither exist nor come from a stage: DVC would stop there mid-run; say so up front."""
+    produced = [Path(out.fs_path) for stage in stages for out in stage.outs]
+    problems = []
+    for stage in stages:
+        for dep in stage.deps:
+            if getattr(dep, "params", None) is not None or dep.protocol != "local":
+                continue
+            path = Path(dep.fs_path)
+            # an output, a file inside one, or a folder that outputs go into
+            if path.exists() or any(path.is_relative_to(out) or out.is_relative_to(path) for out in produced):
+                continue
+            shown = path.relative_to(root) if path.is_relative_to(root) else path
+            problems.append(
+                f"dvc.yaml: stage {stage.addressing!r} depends on {shown}, "
+                "which does not exist and no stage produces. A model or dataset from the Hugging Face hub "
+                "comes in through a params.yaml `hub` entry (fetched into data/hub/<name>; see README)."
+            )
+    return problems
 
 
 def main() -> None:

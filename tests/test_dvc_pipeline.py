@@ -9,70 +9,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
 
-from pipeline.params import PROJECT_ROOT
-
-BIN = Path(sys.executable).parent
-
-
-def sh(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return sh(project, str(BIN / "dvc"), *args, check=check)
-
-
-def stages_run(result: subprocess.CompletedProcess) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
-
+from tests.project import BIN, commit_all, copy_project, dvc, set_params, sh, stages_run
 
 EXPERTS = ["finetune@addition", "finetune@counting", "eval_expert@addition", "eval_expert@counting"]
 
 
-def set_params(project: Path, **updates: object) -> None:
-    """Set dotted keys in the project's params.yaml, keeping its comments."""
-    yaml = YAML()
-    path = project / "params.yaml"
-    params = yaml.load(path.read_text())
-    for dotted, value in updates.items():
-        *parents, leaf = dotted.split("__")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    with open(path, "w") as handle:
-        yaml.dump(params, handle)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("clone") / "project"
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        source = PROJECT_ROOT / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
+    root = copy_project(tmp_path_factory.mktemp("clone") / "project")
     set_params(
         root,
         data__world__corpus_megabytes=0.2,
@@ -104,9 +55,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "counting": {"dataset": "data/sft/counting.jsonl"},
         },
     )
-    sh(root, "git", "init", "-q")
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "tiny")
+    commit_all(root)
     return root
 
 

@@ -1,0 +1,73 @@
+"""A copy of the project as `git clone` would give it, and ways to drive DVC in it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from pipeline.params import PROJECT_ROOT
+
+BIN = Path(sys.executable).parent
+Completed = subprocess.CompletedProcess
+
+
+def sh(project: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> Completed:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **(env or {})}
+    result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(
+    project: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return sh(project, str(BIN / "dvc"), *args, check=check, env=env)
+
+
+def stages_run(result: Completed) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
+
+
+def set_params(project: Path, **updates: object) -> None:
+    """Set keys in the project's params.yaml (`a__b=1` sets a.b), keeping its comments."""
+    yaml = YAML()
+    path = project / "params.yaml"
+    params = yaml.load(path.read_text())
+    for dotted, value in updates.items():
+        *parents, leaf = dotted.split("__")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    with open(path, "w") as handle:
+        yaml.dump(params, handle)
+
+
+def copy_project(root: Path) -> Path:
+    """Copy tracked and untracked-but-not-ignored files into `root` (no outputs, no caches)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        source = PROJECT_ROOT / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    return root
+
+
+def commit_all(project: Path) -> None:
+    sh(project, "git", "init", "-q")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "tiny")
