@@ -145,7 +145,8 @@ def test_view_allows_declared_keys_and_refuses_others():
 def test_make_check_cli_reports_bad_key(tmp_path):
     """`python -m pipeline.params` (what `make check` runs) exits non-zero naming the key."""
     project = tmp_path / "project"
-    shutil.copytree(PROJECT_ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("pipeline", "stages"):
+        shutil.copytree(PROJECT_ROOT / code, project / code, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")
     shipped = (PROJECT_ROOT / "params.yaml").read_text()
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=project, check=True)
@@ -162,9 +163,10 @@ def test_make_check_cli_reports_bad_key(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "params.yaml is valid" in result.stdout and "finetune@addition: finetune.base_model" in result.stdout
 
-    # dvc.yaml interpolates finetune.experts from params.yaml: without it, say so plainly
+    # dvc.yaml interpolates hub and finetune.experts from params.yaml: without them, say so plainly
     result = make_check("tokenize:\n  vocab_size: 500\n")
-    assert result.returncode != 0 and "dvc.yaml" in result.stderr and "finetune" in result.stderr
+    assert result.returncode != 0 and "dvc.yaml cannot be resolved" in result.stderr
+    assert "Could not find 'hub'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
