@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -394,7 +394,150 @@ class FinetuneSettings(Section):
         for name in self.experts:
             if not re.fullmatch(r"[a-z0-9_]+", name):
                 raise ValueError(f"expert name {name!r}: use lowercase letters, digits and _ (it names files)")
+            if name.startswith("merge_"):
+                raise ValueError(f"expert name {name!r}: merge_<recipe> names the merged models' evals")
         return self
+
+
+class MergeMethod(NamedTuple):
+    """What mergekit 0.1.5 asks of a merge method's inputs (its registry's contracts, copied here so
+    that validating params.yaml does not import mergekit; tests/test_merge.py checks they agree)."""
+
+    base: str  # required | optional | ignored
+    min_inputs: int  # inputs count the base model too
+    max_inputs: int | None
+    shared_parameters: tuple[str, ...]  # one value for the whole merge (normalize, lambda, t, ...)
+    model_parameters: tuple[str, ...]  # one value per input model (weight, density, ...)
+    required: tuple[str, ...]
+
+
+MERGE_METHODS = {
+    "multislerp": MergeMethod("optional", 1, None, ("normalize_weights", "eps"), ("weight",), ("weight",)),
+    "nearswap": MergeMethod("required", 2, 2, ("t",), (), ("t",)),
+    "ram": MergeMethod("required", 1, None, ("epsilon",), (), ()),
+    "ramplus_tl": MergeMethod("required", 1, None, ("r", "alpha", "epsilon"), (), ()),
+    "sce": MergeMethod("required", 1, None, ("int8_mask", "select_topk"), (), ()),
+    "linear": MergeMethod("ignored", 1, None, ("normalize",), ("weight",), ("weight",)),
+    "slerp": MergeMethod("required", 2, 2, ("t",), (), ("t",)),
+    "nuslerp": MergeMethod("optional", 1, None, ("nuslerp_row_wise", "nuslerp_flatten"), ("weight",), ("weight",)),
+    "passthrough": MergeMethod("ignored", 1, 1, (), ("scale",), ()),
+    "model_stock": MergeMethod("required", 3, None, ("filter_wise",), (), ()),
+    "arcee_fusion": MergeMethod("required", 2, 2, (), (), ()),
+    "karcher": MergeMethod("ignored", 1, None, ("max_iter", "tol"), (), ()),
+    "task_arithmetic": MergeMethod(
+        "required", 1, None, ("int8_mask", "normalize", "rescale", "lambda"), ("weight", "density"), ("weight",)
+    ),
+    "ties": MergeMethod(
+        "required", 1, None, ("int8_mask", "normalize", "rescale", "lambda"), ("weight", "density"), ("weight",)
+    ),
+    "dare_ties": MergeMethod(
+        "required", 1, None, ("int8_mask", "normalize", "rescale", "lambda"), ("weight", "density"), ("weight",)
+    ),
+    "dare_linear": MergeMethod(
+        "required", 1, None, ("int8_mask", "normalize", "rescale", "lambda"), ("weight", "density"), ("weight",)
+    ),
+    "breadcrumbs": MergeMethod(
+        "required",
+        1,
+        None,
+        ("int8_mask", "normalize", "rescale", "lambda"),
+        ("weight", "density", "gamma"),
+        ("weight",),
+    ),
+    "breadcrumbs_ties": MergeMethod(
+        "required",
+        1,
+        None,
+        ("int8_mask", "normalize", "rescale", "lambda"),
+        ("weight", "density", "gamma"),
+        ("weight",),
+    ),
+    "della": MergeMethod(
+        "required",
+        1,
+        None,
+        ("int8_mask", "normalize", "rescale", "lambda"),
+        ("weight", "density", "epsilon"),
+        ("weight",),
+    ),
+    "della_linear": MergeMethod(
+        "required",
+        1,
+        None,
+        ("int8_mask", "normalize", "rescale", "lambda"),
+        ("weight", "density", "epsilon"),
+        ("weight",),
+    ),
+}
+
+
+class MergeRecipe(Section):
+    """One merge of experts with mergekit: a merge@<recipe> stage."""
+
+    method: str = Field(description="A mergekit method: " + ", ".join(sorted(MERGE_METHODS)) + ".")
+    experts: list[str] | None = Field(
+        None, description="Expert names to merge (default: every expert in finetune.experts)."
+    )
+    parameters: dict[str, float | bool | dict[str, float]] = Field(
+        default_factory=dict,
+        description="The method's parameters. Per-model ones (weight, density, ...) take one number for every "
+        "expert or {expert: number}; shared ones (normalize, lambda, t, ...) one value.",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _method_is_mergekits(cls, method: str) -> str:
+        if method not in MERGE_METHODS:
+            raise ValueError(f"{method!r} is not a mergekit method; valid: {', '.join(sorted(MERGE_METHODS))}")
+        return method
+
+    @model_validator(mode="after")
+    def _parameters_fit_the_method(self) -> MergeRecipe:
+        spec = MERGE_METHODS[self.method]
+        valid = spec.shared_parameters + spec.model_parameters
+        for name, value in self.parameters.items():
+            if name not in valid:
+                raise ValueError(f"{self.method} has no parameter {name!r}; valid: {', '.join(valid) or 'none'}")
+            if isinstance(value, dict) and name not in spec.model_parameters:
+                raise ValueError(f"parameter {name!r} of {self.method} takes one value, not one per expert")
+        missing = [name for name in spec.required if name not in self.parameters]
+        if missing:
+            raise ValueError(f"{self.method} needs parameters {missing}")
+        return self
+
+    def base_is_first_expert(self) -> bool:
+        """Two-model methods (slerp, nearswap, arcee_fusion) interpolate from one expert towards the other."""
+        spec = MERGE_METHODS[self.method]
+        return spec.base == "required" and spec.max_inputs == 2
+
+    def uses_base_model(self) -> bool:
+        """Methods on task vectors (task_arithmetic, ties, dare, model_stock, ...) need the common base."""
+        return MERGE_METHODS[self.method].base == "required" and not self.base_is_first_expert()
+
+
+class MergeSettings(Section):
+    """`merge@<recipe>` stages: mergekit merges of the experts (python -m stages.merge)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the merge and its output."
+    )
+    seed: int = Field(0, description="Seed of the methods that drop parameters at random (dare_*, della*).")
+    recipes: dict[str, MergeRecipe] = Field(default_factory=dict, description="Recipe name -> merge recipe.")
+
+
+class SelectSettings(Section):
+    """`select` stage: the merges that go on into the MoE, by measured quality."""
+
+    metric: str = Field(
+        "all_skills/exact_match", description="An eval metric (a key of metrics/eval/<model>.json); higher is better."
+    )
+    top_k: int = Field(2, ge=1, description="How many merges to select.")
+    min_score: float | None = Field(None, description="Only merges scoring at least this qualify.")
+    on_too_few: Literal["keep", "fail"] = Field(
+        "keep",
+        description="Fewer than top_k merges qualify: keep those that do (the selection says how many are "
+        "missing), or fail. No qualifying merge at all always fails.",
+    )
 
 
 class HubSource(Section):
@@ -422,6 +565,8 @@ class Params(Section):
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    select: SelectSettings = Field(default_factory=SelectSettings)
 
     @model_validator(mode="after")
     def _hub_names_are_plain_and_used_ones_exist(self) -> Params:
@@ -437,6 +582,33 @@ class Params(Section):
                     f"{key} is {path!r}, but data/hub/<name> folders come from `hub` entries and there is none "
                     f"named {parts[2] if len(parts) > 2 else '(missing)'!r} (hub entries: {sorted(self.hub) or 'none'})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _merges_name_known_experts_in_valid_numbers(self) -> Params:
+        experts = list(self.finetune.experts)
+        for name, recipe in self.merge.recipes.items():
+            where = f"merge.recipes.{name}"
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"{where}: use lowercase letters, digits and _ in recipe names (they name files)")
+            chosen = recipe.experts if recipe.experts is not None else experts
+            unknown = [e for e in chosen if e not in experts]
+            if unknown:
+                raise ValueError(f"{where}.experts: {unknown} are not in finetune.experts ({', '.join(experts)})")
+            if len(set(chosen)) != len(chosen):
+                raise ValueError(f"{where}.experts lists an expert twice: {chosen}")
+            spec = MERGE_METHODS[recipe.method]
+            inputs = len(chosen) + int(recipe.uses_base_model())
+            if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
+                wanted = spec.min_inputs if spec.max_inputs == spec.min_inputs else f"at least {spec.min_inputs}"
+                base = " (the base model counts as one)" if recipe.uses_base_model() else ""
+                raise ValueError(
+                    f"{where}: {recipe.method} merges {wanted} models{base}, got {inputs}: {chosen}"
+                    + (f"; name {spec.max_inputs} experts in `experts`" if spec.max_inputs else "")
+                )
+            for parameter, value in recipe.parameters.items():
+                if isinstance(value, dict) and set(value) != set(chosen):
+                    raise ValueError(f"{where}.parameters.{parameter}: give a value for each of {chosen}")
         return self
 
 

@@ -170,6 +170,16 @@ def stable_metrics(results: dict[str, Any], task_names: dict[str, str]) -> dict[
     return dict(sorted(metrics.items()))
 
 
+def skill_means(metrics: dict[str, float], skills: list[str]) -> dict[str, float]:
+    """all_skills/<metric>: the mean over the embedded skills, one number to rank models by."""
+    means = {}
+    for metric, key in (("exact_match", "{}/exact_match"), ("acc", "{}_choice/acc")):
+        values = [metrics[key.format(skill)] for skill in skills if key.format(skill) in metrics]
+        if values and len(values) == len(skills):
+            means[f"all_skills/{metric}"] = round(sum(values) / len(values), 4)
+    return means
+
+
 def run(settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Path, raw_dir: Path) -> dict[str, float]:
     """Evaluate the model; write task YAMLs, raw results and samples to raw_dir; return metrics."""
     import lm_eval
@@ -230,6 +240,8 @@ def run(settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Pat
                 for row in rows:
                     handle.write(json.dumps({"task": task, **row}, default=str) + "\n")
     metrics = stable_metrics(output["results"], labels)
+    skills = [c["task"] for c in configs if c["output_type"] == "generate_until"]
+    metrics.update(skill_means(metrics, skills))
     log.info("metrics: %s", dumps_json(metrics))
     return metrics
 

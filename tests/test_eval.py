@@ -28,7 +28,10 @@ def test_metrics_cover_every_embedded_task(evaluated):
     expected = {f"{s}/exact_match" for s in skills}
     expected |= {f"{s}_choice/{m}" for s in skills for m in ("acc", "acc_norm")}
     expected |= {"stories/acc", "stories/acc_norm", "perplexity/word_perplexity", "perplexity/bits_per_byte"}
+    expected |= {"all_skills/exact_match", "all_skills/acc"}
     assert set(metrics) == expected
+    mean = sum(metrics[f"{s}/exact_match"] for s in skills) / len(skills)
+    assert metrics["all_skills/exact_match"] == pytest.approx(mean, abs=1e-4)
     assert all(0 <= metrics[k] <= 1 for k in metrics if not k.startswith("perplexity/"))
     assert 1 < metrics["perplexity/word_perplexity"] < 1000 and 0 < metrics["perplexity/bits_per_byte"] < 8
 

@@ -1,0 +1,119 @@
+"""`merge@<recipe>` stage: experts merged by mergekit into one model.
+
+    python -m stages.merge --recipe ties --experts models/experts --base-model models/pretrain \
+        --out models/merged/ties
+
+The recipe (params.yaml merge.recipes.<recipe>) becomes a mergekit configuration, validated by
+mergekit's own `MergeConfiguration` and saved as mergekit.yaml beside the weights; the merge
+runs through mergekit's Python API (`run_merge`), seeded so that the random-drop methods give
+byte-identical weights on a rerun. The output is a Hugging Face model folder with the experts'
+tokenizer and a model card naming its parents and method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from pipeline.atomic import atomic_dir, dumps_json
+from pipeline.params import MERGE_METHODS, MergeRecipe
+from pipeline.stage import configure_environment, start
+
+log = logging.getLogger("stages.merge")
+
+
+def mergekit_config(recipe: MergeRecipe, experts: dict[str, str], base_model: str | None, dtype: str) -> dict[str, Any]:
+    """mergekit's YAML configuration (as a dict) for `recipe` over `experts` (name -> model folder)."""
+    spec = MERGE_METHODS[recipe.method]
+    shared = {k: v for k, v in recipe.parameters.items() if k in spec.shared_parameters}
+
+    def model_parameters(expert: str) -> dict[str, Any]:
+        values = {k: v for k, v in recipe.parameters.items() if k in spec.model_parameters}
+        return {k: v[expert] if isinstance(v, dict) else v for k, v in values.items()}
+
+    models = [{"model": path, **({"parameters": p} if (p := model_parameters(name)) else {})}
+              for name, path in experts.items()]  # fmt: skip
+    config: dict[str, Any] = {"merge_method": recipe.method, "models": models, "dtype": dtype}
+    if recipe.base_is_first_expert():
+        config["base_model"] = next(iter(experts.values()))
+    elif recipe.uses_base_model():
+        if base_model is None:
+            raise SystemExit(f"error: {recipe.method} merges task vectors and needs the experts' base model")
+        config["base_model"] = base_model
+    if shared:
+        config["parameters"] = shared
+    return config
+
+
+def run(recipe_name: str, recipe: MergeRecipe, experts: dict[str, str], base_model: str | None,
+        dtype: str, seed: int, out_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Merge; write the model folder (weights, tokenizer, mergekit.yaml, README.md); return the config."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = mergekit_config(recipe, experts, base_model, dtype)
+    try:
+        merge_config = MergeConfiguration.model_validate(config)
+    except Exception as error:  # pydantic's ValidationError, or mergekit's own checks
+        raise SystemExit(f"error: merge.recipes.{recipe_name}: mergekit rejects the configuration: {error}") from None
+    log.info("merging %s with %s", ", ".join(experts), recipe.method)
+    options = MergeOptions(
+        copy_tokenizer=True,
+        random_seed=seed,
+        # mergekit's card writer takes a relative path such as models/pretrain for a hub id
+        # and goes online; this stage writes its own card
+        write_model_card=False,
+        safe_serialization=True,
+        quiet=True,
+    )
+    with atomic_dir(out_dir) as tmp:
+        run_merge(merge_config, out_path=str(tmp), options=options)
+        with open(tmp / "mergekit.yaml", "w") as handle:
+            YAML().dump(config, handle)
+        (tmp / "README.md").write_text(model_card(recipe_name, recipe, config))
+    return config
+
+
+def model_card(name: str, recipe: MergeRecipe, config: dict[str, Any]) -> str:
+    parents = "\n".join(f"- `{model['model']}`" for model in config["models"])
+    base = (
+        f"\nBase model (task vectors are taken against it): `{config['base_model']}`.\n"
+        if "base_model" in config
+        else ""
+    )
+    return f"""# Merge `{name}`
+
+Made by this project's `merge@{name}` stage with mergekit, method `{recipe.method}`, from:
+
+{parents}
+{base}
+The exact mergekit configuration is `mergekit.yaml`.
+
+## Recipe
+
+```json
+{dumps_json(recipe.model_dump(mode="json"))}```
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", required=True, help="a key of merge.recipes")
+    parser.add_argument("--experts", type=Path, required=True, help="folder of the expert model folders")
+    parser.add_argument("--base-model", required=True, help="the experts' base model (for task-vector methods)")
+    parser.add_argument("--out", type=Path, required=True, help="output model folder")
+    args = parser.parse_args(argv)
+    params = start(f"merge@{args.recipe}")
+    recipe = params.merge.recipes[args.recipe]
+    names = recipe.experts if recipe.experts is not None else list(params.finetune.experts)
+    experts = {name: str(args.experts / name) for name in names}
+    configure_environment()
+    run(args.recipe, recipe, experts, args.base_model, params.merge.dtype, params.merge.seed, args.out)
+
+
+if __name__ == "__main__":
+    main()
