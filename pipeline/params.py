@@ -346,13 +346,9 @@ class SFTSettings(Section):
     seed: int = 0
 
 
-class ExpertSettings(Section):
-    """One expert: its dataset, and any SFT setting that differs from finetune.defaults."""
+class SFTOverrides(Section):
+    """SFT settings that differ from the shared defaults (any may be left out)."""
 
-    dataset: str = Field(
-        description="A .jsonl/.json/.parquet file of chat messages (`messages` column): generated, local, "
-        "or a file of a hub dataset fetched by a `hub` entry (data/hub/<name>/...)."
-    )
     max_steps: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0)
     micro_batch_size: int | None = Field(None, ge=1)
@@ -369,9 +365,19 @@ class ExpertSettings(Section):
     seed: int | None = None
 
     def resolve(self, defaults: SFTSettings) -> SFTSettings:
-        """The defaults with this expert's overrides applied."""
-        overrides = {k: v for k, v in self.model_dump(exclude={"dataset"}).items() if v is not None}
+        """The defaults with these overrides applied."""
+        fields = SFTOverrides.model_fields
+        overrides = {k: v for k, v in self.model_dump(include=set(fields)).items() if v is not None}
         return defaults.model_copy(update=overrides)
+
+
+class ExpertSettings(SFTOverrides):
+    """One expert: its dataset, and any SFT setting that differs from finetune.defaults."""
+
+    dataset: str = Field(
+        description="A .jsonl/.json/.parquet file of chat messages (`messages` column): generated, local, "
+        "or a file of a hub dataset fetched by a `hub` entry (data/hub/<name>/...)."
+    )
 
 
 class FinetuneSettings(Section):
@@ -394,8 +400,8 @@ class FinetuneSettings(Section):
         for name in self.experts:
             if not re.fullmatch(r"[a-z0-9_]+", name):
                 raise ValueError(f"expert name {name!r}: use lowercase letters, digits and _ (it names files)")
-            if name.startswith("merge_"):
-                raise ValueError(f"expert name {name!r}: merge_<recipe> names the merged models' evals")
+            if name.startswith(("merge_", "moe")) or name == "pretrain":
+                raise ValueError(f"expert name {name!r}: pretrain, merge_<recipe> and moe* name other models' evals")
         return self
 
 
@@ -522,7 +528,17 @@ class MergeSettings(Section):
         "float32", description="Dtype of the merge and its output."
     )
     seed: int = Field(0, description="Seed of the methods that drop parameters at random (dare_*, della*).")
-    recipes: dict[str, MergeRecipe] = Field(default_factory=dict, description="Recipe name -> merge recipe.")
+    recipes: dict[str, MergeRecipe] = Field(
+        default_factory=lambda: {
+            "linear": MergeRecipe(method="linear", parameters={"weight": 1.0}),
+            "slerp": MergeRecipe(method="slerp", experts=["addition", "sorting"], parameters={"t": 0.5}),
+            "task_arithmetic": MergeRecipe(method="task_arithmetic", parameters={"weight": 0.5}),
+            "ties": MergeRecipe(method="ties", parameters={"weight": 0.25, "density": 0.5}),
+            "dare_ties": MergeRecipe(method="dare_ties", parameters={"weight": 0.25, "density": 0.5}),
+            "model_stock": MergeRecipe(method="model_stock"),
+        },
+        description="Recipe name -> merge recipe; each is a merge@<recipe> stage.",
+    )
 
 
 class SelectSettings(Section):
@@ -537,6 +553,74 @@ class SelectSettings(Section):
         "keep",
         description="Fewer than top_k merges qualify: keep those that do (the selection says how many are "
         "missing), or fail. No qualifying merge at all always fails.",
+    )
+
+
+class ExpertPrompts(Section):
+    """Prompts that should (positive) or should not (negative) be routed to one MoE expert."""
+
+    positive: list[str] = Field(min_length=1)
+    negative: list[str] = Field(default_factory=list)
+
+
+class MoESettings(Section):
+    """`moe` stage: a Mixtral-architecture mixture of experts built by mergekit-moe (python -m stages.moe)."""
+
+    source: Literal["selected_merges", "experts", "base"] = Field(
+        "selected_merges",
+        description="Where the experts come from: the merges the select stage chose, the SFT experts, or "
+        "finetune.base_model copied into every expert ('direct MoE': only useful with training, so "
+        "moe_finetune.runs must not be empty).",
+    )
+    experts: list[str] | None = Field(None, description="source experts: which SFT experts (default: all).")
+    num_experts: int = Field(4, ge=2, description="source base: how many copies of the base model.")
+    gate_mode: Literal["hidden", "cheap_embed", "random", "uniform_random"] = Field(
+        "random",
+        description="How mergekit-moe initialises the routers: from the hidden states (hidden) or embeddings "
+        "(cheap_embed) of each expert's prompts, or at random (advised when the MoE is trained afterwards).",
+    )
+    experts_per_token: int = Field(2, ge=1, description="Experts each token is routed to.")
+    prompts: dict[str, ExpertPrompts] = Field(
+        default_factory=dict,
+        description="Source name (expert, recipe, or copy_<i> for source base) -> its prompts, for the hidden and "
+        "cheap_embed gates. Default for an expert: the first prompt_examples questions of its SFT data; for a "
+        "merge: those of the experts it merges.",
+    )
+    prompt_examples: int = Field(4, ge=1, description="Questions per expert in the default prompts.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = Field(0, description="Seed of the random gates.")
+
+
+class MoERun(SFTOverrides):
+    """One training run of the MoE: its mode, and any SFT setting that differs from moe_finetune.defaults."""
+
+    mode: Literal["full", "router", "lora"] = Field(
+        "full",
+        description="full: every weight; router: only the routers' gate weights; lora: LoRA on the attention "
+        "projections (merged into the model at the end).",
+    )
+
+    @model_validator(mode="after")
+    def _mode_sets_the_adapter(self) -> MoERun:
+        if self.adapter is not None:
+            raise ValueError("set `mode` (full, router or lora), not `adapter`, for a MoE run")
+        return self
+
+
+class MoEFinetuneSettings(Section):
+    """`moe_finetune@<run>` stages: the MoE trained with axolotl on a mixture of the experts' data."""
+
+    defaults: SFTSettings = Field(default_factory=SFTSettings)
+    mixture: dict[str, float] = Field(
+        default_factory=dict,
+        description="Expert name -> weight of its SFT data in the training mixture (default: every expert, "
+        "weight 1). Rows are drawn in these proportions.",
+    )
+    mixture_rows: int = Field(4000, ge=1, description="Rows in the training mixture.")
+    router_aux_loss_coef: float = Field(0.02, ge=0, description="Weight of the router load-balancing loss (0: off).")
+    runs: dict[str, MoERun] = Field(
+        default_factory=lambda: {"full": MoERun(mode="full")},
+        description="Run name -> mode and overrides; each is a moe_finetune@<run> stage, evaluated as moe_<run>.",
     )
 
 
@@ -567,6 +651,8 @@ class Params(Section):
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     select: SelectSettings = Field(default_factory=SelectSettings)
+    moe: MoESettings = Field(default_factory=MoESettings)
+    moe_finetune: MoEFinetuneSettings = Field(default_factory=MoEFinetuneSettings)
 
     @model_validator(mode="after")
     def _hub_names_are_plain_and_used_ones_exist(self) -> Params:
@@ -582,6 +668,43 @@ class Params(Section):
                     f"{key} is {path!r}, but data/hub/<name> folders come from `hub` entries and there is none "
                     f"named {parts[2] if len(parts) > 2 else '(missing)'!r} (hub entries: {sorted(self.hub) or 'none'})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _moe_is_buildable_and_useful(self) -> Params:
+        moe, experts = self.moe, list(self.finetune.experts)
+        count = {"selected_merges": self.select.top_k, "experts": len(moe.experts or experts), "base": moe.num_experts}
+        if moe.source == "selected_merges" and not self.merge.recipes:
+            raise ValueError("moe.source is selected_merges but merge.recipes is empty")
+        if moe.experts is not None:
+            unknown = [e for e in moe.experts if e not in experts]
+            if unknown or len(set(moe.experts)) != len(moe.experts):
+                raise ValueError(f"moe.experts {moe.experts}: name distinct experts of finetune.experts ({experts})")
+        if moe.experts_per_token > count[moe.source]:
+            raise ValueError(
+                f"moe.experts_per_token {moe.experts_per_token} is more than the {count[moe.source]} experts "
+                f"that moe.source {moe.source} gives" + (" (select.top_k)" if moe.source == "selected_merges" else "")
+            )
+        if moe.source == "base":
+            if not self.moe_finetune.runs:
+                raise ValueError(
+                    "moe.source base copies one model into every expert: the MoE only differs from that model "
+                    "after training, and moe_finetune.runs is empty"
+                )
+            missing = [f"copy_{i}" for i in range(moe.num_experts) if f"copy_{i}" not in moe.prompts]
+            if moe.gate_mode in ("hidden", "cheap_embed") and missing:
+                raise ValueError(
+                    f"moe.gate_mode {moe.gate_mode} routes by each expert's prompts, and copies of the base "
+                    f"have none: set moe.prompts for {missing}, or use gate_mode random"
+                )
+        for name in self.moe_finetune.mixture:
+            if name not in experts:
+                raise ValueError(f"moe_finetune.mixture names {name!r}, which is not in finetune.experts ({experts})")
+        if self.moe_finetune.mixture and not any(w > 0 for w in self.moe_finetune.mixture.values()):
+            raise ValueError("moe_finetune.mixture: at least one weight must be positive")
+        for name in self.moe_finetune.runs:
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"moe_finetune.runs.{name}: use lowercase letters, digits and _ (it names files)")
         return self
 
     @model_validator(mode="after")

@@ -127,14 +127,16 @@ def count_long_rows(dataset: Path, tokenizer: Any, sequence_len: int) -> tuple[i
     return len(lengths), too_long
 
 
-def check_dropped(settings: SFTSettings, dataset: Path, expert: str, rows: int, dropped: int, when: str) -> None:
+def check_dropped(settings: SFTSettings, dataset: Path, where: str, rows: int, dropped: int, when: str) -> None:
+    """`where`: the params key of the run's settings (finetune.experts.<expert>, moe_finetune.runs.<run>)."""
     if not rows:
-        raise SystemExit(f"error: finetune.experts.{expert}.dataset {dataset} has no rows")
+        raise SystemExit(f"error: {where}: dataset {dataset} has no rows")
     if dropped == rows or dropped / rows > settings.max_dropped_share:
+        defaults = where.split(".")[0] + ".defaults"
         raise SystemExit(
             f"error: {dropped} of {rows} rows of {dataset} {when} longer than sequence_len {settings.sequence_len} "
             f"tokens; axolotl drops them (max_dropped_share is {settings.max_dropped_share}). Raise "
-            f"finetune.experts.{expert}.sequence_len (or finetune.defaults.sequence_len), or max_dropped_share."
+            f"{where}.sequence_len (or {defaults}.sequence_len), or max_dropped_share."
         )
 
 
@@ -157,27 +159,45 @@ def run_axolotl(module: str, config_path: Path, live_dir: Path, *extra: str) -> 
 
 
 def run(
-    settings: SFTSettings, expert: str, base_model: str, dataset: Path, out_dir: Path, work_dir: Path, live_dir: Path
+    settings: SFTSettings,
+    expert: str,
+    base_model: str,
+    dataset: Path,
+    out_dir: Path,
+    work_dir: Path,
+    live_dir: Path,
+    *,
+    where: str | None = None,
+    extra_config: dict[str, Any] | None = None,
+    card_title: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune one expert; write the model folder; return summary metrics."""
+    """Fine-tune one model; write the model folder; return summary metrics.
+
+    The MoE stage reuses this with its own settings key (`where`), axolotl keys (`extra_config`)
+    and card title.
+    """
     from transformers import AutoTokenizer
 
+    where = where or f"finetune.experts.{expert}"
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     rows, too_long = count_long_rows(dataset, tokenizer, settings.sequence_len)
-    check_dropped(settings, dataset, expert, rows, too_long, "are")  # before any training
+    check_dropped(settings, dataset, where, rows, too_long, "are")  # before any training
     log.info("%d rows, %d longer than %d tokens", rows, too_long, settings.sequence_len)
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
     if live_dir.exists():
         shutil.rmtree(live_dir)
-    config = axolotl_config(settings, base_model, str(dataset), work_dir, use_bf16(settings))
+    config = {
+        **axolotl_config(settings, base_model, str(dataset), work_dir, use_bf16(settings)),
+        **(extra_config or {}),
+    }
     config_path = work_dir / "axolotl.yaml"
     with open(config_path, "w") as handle:
         YAML().dump(config, handle)
     run_axolotl("axolotl.cli.train", config_path, live_dir)
     kept = prepared_rows(work_dir)
-    check_dropped(settings, dataset, expert, rows, rows - kept, "were")  # what axolotl really did
+    check_dropped(settings, dataset, where, rows, rows - kept, "were")  # what axolotl really did
     trained = work_dir / "output"
     if settings.adapter == "lora":
         run_axolotl("axolotl.cli.merge_lora", config_path, live_dir, f"--lora-model-dir={trained}")
@@ -193,7 +213,8 @@ def run(
                 shutil.copy2(path, tmp / path.name)
         shutil.copy2(config_path, tmp / "axolotl.yaml")
         summary = {**summarize(live_dir), "data/rows": rows, "data/rows_trained_on": kept}
-        (tmp / "README.md").write_text(model_card(expert, base_model, str(dataset), settings, summary))
+        title = card_title or f"Expert `{expert}`\n\nFine-tuned by this project's `finetune@{expert}` stage"
+        (tmp / "README.md").write_text(model_card(title, base_model, str(dataset), settings, summary))
     shutil.rmtree(work_dir)
     return summary
 
@@ -206,10 +227,8 @@ def summarize(live_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def model_card(expert: str, base_model: str, dataset: str, settings: SFTSettings, summary: dict[str, Any]) -> str:
-    return f"""# Expert `{expert}`
-
-Fine-tuned by this project's `finetune@{expert}` stage with axolotl from `{base_model}` on
+def model_card(title: str, base_model: str, dataset: str, settings: SFTSettings, summary: dict[str, Any]) -> str:
+    return f"""# {title} with axolotl from `{base_model}` on
 `{dataset}` (loss on the answers only). The generated axolotl config is `axolotl.yaml`.
 
 ## Final metrics

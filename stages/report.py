@@ -35,8 +35,57 @@ log = logging.getLogger("stages.report")
 LOWER_IS_BETTER = ("word_perplexity", "bits_per_byte", "byte_perplexity", "loss")
 
 
+GROUPS = ("base", "experts", "merges", "MoE", "trained MoE")
+
+
+def model_group(name: str) -> str:
+    if name == "pretrain":
+        return "base"
+    if name.startswith("merge_"):
+        return "merges"
+    if name == "moe":
+        return "MoE"
+    return "trained MoE" if name.startswith("moe_") else "experts"
+
+
+def model_order(name: str) -> tuple[int, str]:
+    """Columns read base first, then experts, merges, the MoE and the trained MoEs."""
+    return GROUPS.index(model_group(name)), name
+
+
+def comparison_rows(table: dict[str, dict[str, float]], metric: str = "all_skills/exact_match") -> list[list[str]]:
+    """[group, its best model, its score] per group: does the MoE beat what it was built from?"""
+    rows = []
+    for group in GROUPS:
+        scored = {name: row[metric] for name, row in table.items() if model_group(name) == group and metric in row}
+        if scored:
+            best = max(scored, key=lambda name: (scored[name], name))
+            rows.append([group, best, f"{scored[best]:.4g}"])
+    return rows
+
+
+def comparison_markdown(table: dict[str, dict[str, float]], metric: str = "all_skills/exact_match") -> str:
+    rows = comparison_rows(table, metric)
+    if not rows:
+        return ""
+    lines = [f"## Best of each kind by `{metric}`", "", "| kind | best model | score |", "| --- | --- | ---: |"]
+    lines += [f"| {group} | {model} | {score} |" for group, model, score in rows]
+    return "\n".join(lines) + "\n"
+
+
 def load_eval_metrics(folder: Path) -> dict[str, dict[str, float]]:
-    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+    paths = sorted(folder.glob("*.json"), key=lambda path: model_order(path.stem))
+    return {path.stem: json.loads(path.read_text()) for path in paths}
+
+
+def selection_text(selection: dict[str, Any] | None) -> str:
+    """One sentence on which merges the select stage chose, with their scores."""
+    if not selection:
+        return ""
+    scores = selection["scores"]
+    chosen = ", ".join(f"{name} ({scores[name]:.4g})" for name in selection["selected"])
+    missing = f"; {selection['missing']} fewer than top_k qualified" if selection.get("missing") else ""
+    return f"Merges selected for the mixture of experts by `{selection['metric']}`: {chosen}{missing}."
 
 
 def metric_names(table: dict[str, dict[str, float]]) -> list[str]:
@@ -65,7 +114,7 @@ def leaderboard_rows(table: dict[str, dict[str, float]]) -> list[tuple[str, list
     return rows
 
 
-def leaderboard_markdown(table: dict[str, dict[str, float]]) -> str:
+def leaderboard_markdown(table: dict[str, dict[str, float]], selection: dict[str, Any] | None = None) -> str:
     lines = [
         "# Leaderboard",
         "",
@@ -77,7 +126,10 @@ def leaderboard_markdown(table: dict[str, dict[str, float]]) -> str:
     ]
     for metric, cells in leaderboard_rows(table):
         lines.append(f"| {metric} | " + " | ".join(f"**{t}**" if best else t for t, best in cells) + " |")
-    return "\n".join(lines) + "\n"
+    if selection:
+        lines += ["", selection_text(selection)]
+    comparison = comparison_markdown(table)
+    return "\n".join(lines) + "\n" + (f"\n{comparison}" if comparison else "")
 
 
 def skill_names(table: dict[str, dict[str, float]]) -> list[str]:
@@ -150,6 +202,35 @@ def plot_curves(curves: dict[str, Path], path: Path) -> None:
     save_figure(figure, path)
 
 
+def plot_routing(routing: dict[str, dict[str, Any]], path: Path) -> None:
+    """Per MoE model: share of tokens per expert in each layer (top) and for each skill (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, panels = plt.subplots(2, len(routing), figsize=(4.2 * len(routing), 6.4), squeeze=False)
+    for column, (model, data) in enumerate(routing.items()):
+        skills = sorted(data["skills"])
+        shares = np.array([data["skills"][skill] for skill in skills])  # (skills, layers, experts)
+        for row, (values, labels, title) in enumerate(
+            ((shares.mean(axis=0), [f"layer {i}" for i in range(shares.shape[1])], "per layer"),
+             (shares.mean(axis=1), skills, "per skill"))
+        ):  # fmt: skip
+            axes = panels[row][column]
+            axes.imshow(values, vmin=0, vmax=1, cmap="magma", aspect="auto")
+            axes.set_xticks(range(len(data["experts"])), data["experts"], rotation=30, ha="right")
+            axes.set_yticks(range(len(labels)), labels)
+            for i in range(values.shape[0]):
+                for j in range(values.shape[1]):
+                    axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center",
+                              color="white" if values[i, j] < 0.5 else "black")  # fmt: skip
+            axes.set_title(f"{model}: tokens routed, {title}")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
 def save_figure(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -213,7 +294,11 @@ def image_tag(path: Path, alt: str) -> str:
 
 
 def html_report(
-    table: dict[str, dict[str, float]], models: dict[str, str], lineages: dict[str, dict[str, Any]], images: list[Path]
+    table: dict[str, dict[str, float]],
+    models: dict[str, str],
+    lineages: dict[str, dict[str, Any]],
+    images: list[Path],
+    selection: dict[str, Any] | None = None,
 ) -> str:
     head = "".join(f"<th>{html.escape(model)}</th>" for model in table)
     body = []
@@ -249,10 +334,23 @@ pre {{ background: #f8f8f8; padding: 0.5rem; overflow-x: auto; }}
 <h2>Leaderboard</h2>
 <p>Best of each row in bold (lowest for perplexity and bits per byte, highest otherwise).</p>
 <table id="leaderboard"><thead><tr><th>task/metric</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
+<p id="selection">{html.escape(selection_text(selection))}</p>
+{comparison_html(table)}
 <h2>Plots</h2>{figures}
 <h2>Models</h2>{"".join(cards)}
 </body></html>
 """
+
+
+def comparison_html(table: dict[str, dict[str, float]], metric: str = "all_skills/exact_match") -> str:
+    rows = comparison_rows(table, metric)
+    if not rows:
+        return ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return (
+        f"<h2>Best of each kind by <code>{html.escape(metric)}</code></h2><table id='comparison'>"
+        f"<thead><tr><th>kind</th><th>best model</th><th>score</th></tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
 def evaluated_models(stages: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -266,22 +364,34 @@ def evaluated_models(stages: dict[str, dict[str, Any]]) -> dict[str, str]:
     return models
 
 
-def run(eval_dir: Path, curves: dict[str, Path], lock_path: Path, out_dir: Path) -> dict:
+def run(
+    eval_dir: Path,
+    curves: dict[str, Path],
+    lock_path: Path,
+    out_dir: Path,
+    selection_path: Path | None = None,
+    routing_dir: Path | None = None,
+) -> dict:
     table = load_eval_metrics(eval_dir)
     if not table:
         raise SystemExit(f"error: no eval metrics in {eval_dir}: run the eval stage first")
+    selection = json.loads(selection_path.read_text()) if selection_path else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "leaderboard.md", leaderboard_markdown(table))
+    write_text(out_dir / "leaderboard.md", leaderboard_markdown(table, selection))
     images = []
     if skill_names(table):
         plot_skill_matrix(table, out_dir / "skill_matrix.png")
         images.append(out_dir / "skill_matrix.png")
     plot_curves(expand_curves(curves), out_dir / "curves.png")
     images.append(out_dir / "curves.png")
+    routing = {p.stem: json.loads(p.read_text()) for p in sorted(routing_dir.glob("*.json"))} if routing_dir else {}
+    if routing:
+        plot_routing(routing, out_dir / "routing.png")
+        images.append(out_dir / "routing.png")
     stages = lock_stages(lock_path)
     models = {name: path for name, path in evaluated_models(stages).items() if name in table}
     lineages = lineage(stages)
-    write_text(out_dir / "index.html", html_report(table, models, lineages, images))
+    write_text(out_dir / "index.html", html_report(table, models, lineages, images, selection))
     # Model folders belong to the stages that made them, so the cards with eval results live here.
     for name, path in models.items():
         write_text(out_dir / "cards" / f"{name}.md", model_card(name, path, table[name], lineages.get(path, {})))
@@ -303,12 +413,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--eval-metrics", type=Path, required=True, help="folder of <model>.json eval metrics")
     parser.add_argument("--curves", nargs="+", default=[], help="NAME=DVCLIVE_FOLDER of each training stage")
+    parser.add_argument("--selection", type=Path, help="the select stage's JSON (merges chosen for the MoE)")
+    parser.add_argument("--routing", type=Path, help="folder of the MoE stages' routing JSONs")
     parser.add_argument("--lock", type=Path, default=Path("dvc.lock"), help="dvc.lock, for lineage")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     args = parser.parse_args(argv)
     start("report")
     curves = {name: Path(path) for name, path in parse_pairs(args.curves, "--curves").items()}
-    run(args.eval_metrics, curves, args.lock, args.out)
+    run(args.eval_metrics, curves, args.lock, args.out, args.selection, args.routing)
 
 
 if __name__ == "__main__":

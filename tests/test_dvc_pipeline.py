@@ -19,6 +19,7 @@ import pytest
 from tests.project import BIN, commit_all, copy_project, dvc, set_params, sh, stages_run
 
 EXPERTS = ["finetune@addition", "finetune@counting", "eval_expert@addition", "eval_expert@counting"]
+MERGES = ["merge@linear", "merge@ties", "eval_merge@linear", "eval_merge@ties", "select"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "addition": {"dataset": "data/sft/addition.jsonl"},
             "counting": {"dataset": "data/sft/counting.jsonl"},
         },
+        merge__recipes={
+            "linear": {"method": "linear", "parameters": {"weight": 1.0}},
+            "ties": {"method": "ties", "parameters": {"weight": 0.5, "density": 0.5}},
+        },
+        select__top_k=1,
     )
     commit_all(root)
     return root
@@ -61,7 +67,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_produces_every_output(project):
     result = dvc(project, "repro")
-    assert stages_run(result) == {"data", "tokenize", "pretrain", "eval@pretrain", "report", *EXPERTS}
+    assert stages_run(result) == {"data", "tokenize", "pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES}
     for path in (
         "data/corpus/train.jsonl",
         "data/sft/counting.jsonl",
@@ -80,12 +86,18 @@ def test_repro_produces_every_output(project):
         "metrics/report/cards/counting.md",
         "models/experts/addition/model.safetensors",
         "metrics/finetune/counting.json",
+        "models/merged/ties/model.safetensors",
+        "models/merged/ties/mergekit.yaml",
+        "metrics/eval/merge_linear.json",
+        "metrics/report/cards/merge_ties.md",
     ):
         assert (project / path).is_file(), path
     metrics = json.loads(dvc(project, "metrics", "show", "--json").stdout)
     values = json.dumps(metrics)
     assert '"vocab_size"' in values and '"corpus/train_documents"' in values and '"val/perplexity"' in values
     assert '"stories/acc"' in values
+    selection = json.loads((project / "metrics/select.json").read_text())
+    assert len(selection["selected"]) == 1 and set(selection["scores"]) == {"linear", "ties"}
     # Nothing generated may be left for git to commit.
     status = sh(project, "git", "status", "--porcelain").stdout
     assert not [line for line in status.splitlines() if re.search(r"(data|models|metrics)/(?!README)", line)], status
@@ -99,20 +111,25 @@ def test_second_repro_does_nothing(project):
 
 def test_changing_a_param_reruns_only_its_stages(project):
     evals = {"eval@pretrain", "eval_expert@addition", "eval_expert@counting", "report"}
+    evals |= {"eval_merge@linear", "eval_merge@ties", "select"}
     set_params(project, eval__limit=3)
     assert stages_run(dvc(project, "repro")) == evals
 
-    # one expert's setting: that expert, its eval and the report; never the other expert
+    # one expert's setting: that expert, its eval, the merges and what follows; never the other expert
     set_params(project, finetune__experts__addition__learning_rate=0.001)
-    assert stages_run(dvc(project, "repro")) == {"finetune@addition", "eval_expert@addition", "report"}
+    assert stages_run(dvc(project, "repro")) == {"finetune@addition", "eval_expert@addition", *MERGES, "report"}
+
+    # one recipe's parameter: that merge, its eval, the selection and the report
+    set_params(project, merge__recipes__ties__parameters__density=0.7)
+    assert stages_run(dvc(project, "repro")) == {"merge@ties", "eval_merge@ties", "select", "report"}
 
     set_params(project, pretrain__learning_rate=0.002)
-    assert stages_run(dvc(project, "repro")) == {"pretrain", *EXPERTS, *evals}
+    assert stages_run(dvc(project, "repro")) == {"pretrain", *EXPERTS, *MERGES, *evals}
 
     set_params(project, tokenize__vocab_size=500)
     status = dvc(project, "status").stdout
     assert "tokenize:" in status and "data:" not in status
-    assert stages_run(dvc(project, "repro")) == {"tokenize", "pretrain", *EXPERTS, *evals}
+    assert stages_run(dvc(project, "repro")) == {"tokenize", "pretrain", *EXPERTS, *MERGES, *evals}
     assert json.loads((project / "metrics/tokenize.json").read_text())["vocab_size"] == 500
 
 
@@ -150,7 +167,7 @@ def test_killed_pretrain_resumes_under_dvc_repro(project):
     os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
     process.wait()
     result = dvc(project, "repro")
-    assert stages_run(result) == {"pretrain", "eval@pretrain", "report", *EXPERTS}
+    assert stages_run(result) == {"pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES}
     assert "resuming from" in result.stderr and "step-0000" in result.stderr
     assert json.loads((project / "metrics/pretrain.json").read_text())["steps"] == 400
 

@@ -16,7 +16,9 @@ from stages import report
 TABLE = {
     "pretrain": {"addition/exact_match": 0.0, "stories/acc": 0.9, "perplexity/word_perplexity": 4.7},
     "expert_a": {"addition/exact_match": 0.95, "stories/acc": 0.85, "perplexity/word_perplexity": 5.1},
+    "merge_ties": {"addition/exact_match": 0.5, "stories/acc": 0.8, "perplexity/word_perplexity": 6.0},
 }
+SELECTION = {"metric": "addition/exact_match", "selected": ["ties"], "missing": 1, "scores": {"ties": 0.5}}
 LOCK = """schema: '2.0'
 stages:
   pretrain:
@@ -47,16 +49,19 @@ def built(tmp_path, tiny_pretrained) -> Path:
     for model, metrics in TABLE.items():
         (eval_dir / f"{model}.json").write_text(json.dumps(metrics))
     (tmp_path / "dvc.lock").write_text(LOCK)
-    report.run(eval_dir, {"pretrain": tiny_pretrained[1] / "live"}, tmp_path / "dvc.lock", tmp_path / "out")
+    (tmp_path / "select.json").write_text(json.dumps(SELECTION))
+    curves = {"pretrain": tiny_pretrained[1] / "live"}
+    report.run(eval_dir, curves, tmp_path / "dvc.lock", tmp_path / "out", tmp_path / "select.json")
     return tmp_path / "out"
 
 
 def test_leaderboard_marks_the_best_of_each_row(built):
     text = (built / "leaderboard.md").read_text()
-    assert "| task/metric | expert_a | pretrain |" in text
-    assert "| addition/exact_match | **0.95** | 0 |" in text
-    assert "| stories/acc | 0.85 | **0.9** |" in text
-    assert "| perplexity/word_perplexity | 5.1 | **4.7** |" in text  # lower is better
+    assert "| task/metric | pretrain | expert_a | merge_ties |" in text  # base, experts, merges
+    assert "| addition/exact_match | 0 | **0.95** | 0.5 |" in text
+    assert "| stories/acc | **0.9** | 0.85 | 0.8 |" in text
+    assert "| perplexity/word_perplexity | **4.7** | 5.1 | 6 |" in text  # lower is better
+    assert "selected for the mixture of experts by `addition/exact_match`: ties (0.5); 1 fewer" in text
 
 
 def test_plots_are_real_pngs(built):

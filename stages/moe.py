@@ -1,0 +1,207 @@
+"""`moe` stage: a Mixtral-architecture mixture of experts built by mergekit-moe.
+
+    python -m stages.moe --selection metrics/select.json --merged models/merged --experts models/experts \
+        --base-model models/pretrain --eval-sets data/eval --out models/moe --routing metrics/routing/moe.json
+
+The experts come from params.yaml moe.source: the merges the select stage chose (default), the
+SFT experts, or the base model copied into every expert. Their MLPs become the experts of each
+layer; attention, embeddings and norms come from the first of them (the best-ranked merge). The
+routers start from each expert's prompts (gate_mode hidden / cheap_embed) or at random. The
+mergekit-moe configuration is saved beside the weights (mergekit_moe.yaml); the tokenizer is the
+experts' own (mergekit-moe would re-save it with pad = BOS and left padding). --routing gets
+the share of each skill's tokens routed to each expert in each layer (a plot in the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from pipeline.atomic import atomic_dir, dumps_json, write_json
+from pipeline.params import ExpertPrompts, MoESettings
+from pipeline.stage import configure_environment, start
+
+log = logging.getLogger("stages.moe")
+
+EXPERT_NAMES = "moe_experts.json"  # in the MoE folder: which source each expert index came from
+
+
+def first_questions(dataset: Path, count: int) -> list[str]:
+    """The first `count` user messages of a chat-messages dataset (jsonl, json or parquet)."""
+    from datasets import load_dataset
+
+    kind = {".parquet": "parquet"}.get(dataset.suffix, "json")
+    rows = load_dataset(kind, data_files=str(dataset), split=f"train[:{count}]")
+    return [next(m["content"] for m in messages if m["role"] == "user") for messages in rows["messages"]]
+
+
+def expert_prompts(
+    settings: MoESettings, sources: dict[str, str], parents: dict[str, list[str]], datasets: dict[str, Path]
+) -> dict[str, ExpertPrompts]:
+    """Each source's routing prompts: from params, else its experts' first SFT questions."""
+    prompts = {}
+    for name in sources:
+        if name in settings.prompts:
+            prompts[name] = settings.prompts[name]
+        elif parents.get(name):
+            questions = [
+                q for expert in parents[name] for q in first_questions(datasets[expert], settings.prompt_examples)
+            ]
+            prompts[name] = ExpertPrompts(positive=questions)
+    return prompts
+
+
+def moe_config(
+    settings: MoESettings, sources: dict[str, str], prompts: dict[str, ExpertPrompts], shared_from: str
+) -> dict[str, Any]:
+    """mergekit-moe's YAML configuration (as a dict); checked before anything is built."""
+    routed_by_prompts = settings.gate_mode in ("hidden", "cheap_embed")
+    experts = []
+    for name, path in sources.items():
+        expert: dict[str, Any] = {"source_model": path}
+        if routed_by_prompts:
+            if name not in prompts:
+                raise SystemExit(
+                    f"error: moe.gate_mode {settings.gate_mode} routes by prompts and expert {name!r} has none: "
+                    f"set moe.prompts.{name} (positive: [...]), or use gate_mode random"
+                )
+            expert["positive_prompts"] = prompts[name].positive
+            if prompts[name].negative:
+                expert["negative_prompts"] = prompts[name].negative
+        experts.append(expert)
+    if (
+        routed_by_prompts
+        and len({str(e.get("positive_prompts")) + str(e.get("negative_prompts")) for e in experts}) == 1
+    ):
+        raise SystemExit(
+            f"error: every expert of the MoE ({', '.join(sources)}) has the same prompts, so the "
+            f"{settings.gate_mode} gate cannot tell them apart (e.g. merges of the same experts): set distinct "
+            "moe.prompts or use gate_mode random"
+        )
+    if settings.experts_per_token > len(experts):
+        raise SystemExit(
+            f"error: moe.experts_per_token {settings.experts_per_token} is more than the {len(experts)} experts "
+            f"({', '.join(sources)})"
+        )
+    return {
+        "base_model": shared_from,
+        "architecture": "mixtral",
+        "gate_mode": settings.gate_mode,
+        "experts_per_token": settings.experts_per_token,
+        "dtype": settings.dtype,
+        "experts": experts,
+    }
+
+
+def build(settings: MoESettings, config: dict[str, Any], names: list[str], allow_all_same: bool, out_dir: Path) -> None:
+    """Run mergekit-moe into `out_dir` (atomically) with the shared model's own tokenizer."""
+    import torch
+    from mergekit.merge import MergeOptions
+    from mergekit.moe.config import MoEMergeConfig, is_bad_config
+    from mergekit.scripts.moe import build as mergekit_moe_build
+    from transformers import AutoTokenizer
+
+    moe_config_model = MoEMergeConfig.model_validate(config)
+    if is_bad_config(moe_config_model, allow_all_same=allow_all_same):  # logs why
+        raise SystemExit("error: mergekit-moe rejects the MoE configuration (its reason is logged above)")
+    torch.manual_seed(settings.seed)  # the random gates
+    with atomic_dir(out_dir) as tmp:
+        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mergekit_moe_build(moe_config_model, str(tmp), options, device=device, allow_all_same=allow_all_same)
+        AutoTokenizer.from_pretrained(config["base_model"]).save_pretrained(tmp)
+        (tmp / EXPERT_NAMES).write_text(json.dumps(names) + "\n")
+        with open(tmp / "mergekit_moe.yaml", "w") as handle:
+            YAML().dump(config, handle)
+        (tmp / "README.md").write_text(model_card(settings, config))
+
+
+def routing_fractions(model_dir: Path, eval_dir: Path, limit: int = 64) -> dict[str, list[list[float]]]:
+    """Skill -> [layer][expert]: share of the skill's question tokens (routed k times each) per expert."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    k = model.config.num_experts_per_tok
+    fractions: dict[str, list[list[float]]] = {}
+    for path in sorted(eval_dir.glob("*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()[:limit]]
+        questions = [row["question"] for row in rows if "question" in row]
+        if not questions:
+            continue
+        counts = None
+        for question in questions:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                   add_generation_prompt=True)  # fmt: skip
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                logits = model(**ids, output_router_logits=True).router_logits  # per layer: (tokens, experts)
+            chosen = torch.stack([layer.topk(k, dim=-1).indices for layer in logits])  # (layers, tokens, k)
+            hits = torch.nn.functional.one_hot(chosen, logits[0].shape[-1]).sum(dim=(1, 2)).float()
+            counts = hits if counts is None else counts + hits
+        shares = counts / counts.sum(dim=-1, keepdim=True)
+        fractions[path.stem] = [[round(share, 4) for share in row] for row in shares.tolist()]
+    return fractions
+
+
+def model_card(settings: MoESettings, config: dict[str, Any]) -> str:
+    experts = "\n".join(f"- `{e['source_model']}`" for e in config["experts"])
+    return f"""# Mixture of experts
+
+Made by this project's `moe` stage with mergekit-moe (Mixtral architecture, gate mode
+`{settings.gate_mode}`, {settings.experts_per_token} experts per token) from `moe.source: {settings.source}`:
+
+{experts}
+
+Attention, embeddings and norms come from `{config["base_model"]}`. The exact mergekit-moe
+configuration is `mergekit_moe.yaml`.
+
+## Settings
+
+```json
+{dumps_json(settings.model_dump(mode="json"))}```
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--selection", type=Path, required=True, help="the select stage's JSON")
+    parser.add_argument("--merged", type=Path, required=True, help="folder of the merged model folders")
+    parser.add_argument("--experts", type=Path, required=True, help="folder of the expert model folders")
+    parser.add_argument("--base-model", required=True, help="finetune.base_model")
+    parser.add_argument("--eval-sets", type=Path, required=True, help="held-out questions, for the routing metrics")
+    parser.add_argument("--out", type=Path, required=True, help="output model folder")
+    parser.add_argument("--routing", type=Path, required=True, help="JSON: skill -> layer -> share per expert")
+    args = parser.parse_args(argv)
+    params = start("moe")
+    settings = params.moe
+    all_experts = params.finetune.experts
+    datasets = {name: Path(expert.dataset) for name, expert in all_experts.items()}
+    if settings.source == "selected_merges":
+        selected = json.loads(args.selection.read_text())["selected"]
+        sources = {name: str(args.merged / name) for name in selected}
+        recipes = params.merge.recipes
+        parents = {name: recipes[name].experts or list(all_experts) for name in selected}
+    elif settings.source == "experts":
+        names = settings.experts or list(all_experts)
+        sources = {name: str(args.experts / name) for name in names}
+        parents = {name: [name] for name in names}
+    else:
+        sources = {f"copy_{i}": args.base_model for i in range(settings.num_experts)}
+        parents = {}
+    configure_environment()
+    prompts = expert_prompts(settings, sources, parents, datasets)
+    config = moe_config(settings, sources, prompts, next(iter(sources.values())))
+    log.info("building a %d-expert MoE from %s (gate %s)", len(sources), ", ".join(sources), settings.gate_mode)
+    build(settings, config, list(sources), settings.source == "base", args.out)
+    write_json(args.routing, {"experts": list(sources), "skills": routing_fractions(args.out, args.eval_sets)})
+
+
+if __name__ == "__main__":
+    main()
