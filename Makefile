@@ -57,6 +57,7 @@ bench: install  ## throughput figures (not tests)
 	$(BIN)/python -m bench.bench_tokenize
 	$(BIN)/python -m bench.bench_pretrain
 	$(BIN)/python -m bench.bench_finetune
+	$(BIN)/python -m bench.bench_pipeline
 
 lock:  ## re-resolve requirements/lock.txt from requirements/requirements.in (needs uv)
 	uv pip compile requirements/requirements.in --override requirements/overrides.txt \

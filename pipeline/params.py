@@ -400,8 +400,8 @@ class FinetuneSettings(Section):
         for name in self.experts:
             if not re.fullmatch(r"[a-z0-9_]+", name):
                 raise ValueError(f"expert name {name!r}: use lowercase letters, digits and _ (it names files)")
-            if name.startswith(("merge_", "moe")) or name == "pretrain":
-                raise ValueError(f"expert name {name!r}: pretrain, merge_<recipe> and moe* name other models' evals")
+            if name.startswith("moe") or name == "pretrain":
+                raise ValueError(f"expert name {name!r}: pretrain and moe* name other models' evals")
         return self
 
 

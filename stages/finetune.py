@@ -211,12 +211,29 @@ def run(
                 or path.name.endswith(".safetensors.index.json")
             ):
                 shutil.copy2(path, tmp / path.name)
+        if "model_config" in config:
+            restore_model_config(tmp / "config.json", Path(base_model) / "config.json", config["model_config"])
         shutil.copy2(config_path, tmp / "axolotl.yaml")
         summary = {**summarize(live_dir), "data/rows": rows, "data/rows_trained_on": kept}
         title = card_title or f"Expert `{expert}`\n\nFine-tuned by this project's `finetune@{expert}` stage"
         (tmp / "README.md").write_text(model_card(title, base_model, str(dataset), settings, summary))
     shutil.rmtree(work_dir)
     return summary
+
+
+def restore_model_config(config_path: Path, base_config_path: Path, overrides: dict[str, Any]) -> None:
+    """Undo axolotl's training-time `model_config` overrides in the saved config.json.
+
+    They are training settings (e.g. Mixtral's output_router_logits for the load-balancing
+    loss), which would otherwise stay on for inference and break generation with a KV cache.
+    """
+    saved, base = json.loads(config_path.read_text()), json.loads(base_config_path.read_text())
+    for key in overrides:
+        if key in base:
+            saved[key] = base[key]
+        else:
+            saved.pop(key, None)
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def summarize(live_dir: Path) -> dict[str, Any]:

@@ -41,7 +41,7 @@ GROUPS = ("base", "experts", "merges", "MoE", "trained MoE")
 def model_group(name: str) -> str:
     if name == "pretrain":
         return "base"
-    if name.startswith("merge_"):
+    if name.startswith("merge/"):
         return "merges"
     if name == "moe":
         return "MoE"
@@ -74,8 +74,9 @@ def comparison_markdown(table: dict[str, dict[str, float]], metric: str = "all_s
 
 
 def load_eval_metrics(folder: Path) -> dict[str, dict[str, float]]:
-    paths = sorted(folder.glob("*.json"), key=lambda path: model_order(path.stem))
-    return {path.stem: json.loads(path.read_text()) for path in paths}
+    """Model name (the file's path below `folder`, e.g. pretrain or merge/ties) -> its metrics."""
+    names = {path.relative_to(folder).with_suffix("").as_posix(): path for path in folder.rglob("*.json")}
+    return {name: json.loads(names[name].read_text()) for name in sorted(names, key=model_order)}
 
 
 def selection_text(selection: dict[str, Any] | None) -> str:

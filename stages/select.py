@@ -2,7 +2,7 @@
 
     python -m stages.select --eval-metrics metrics/eval --out metrics/select.json
 
-Reads metrics/eval/merge_<recipe>.json for every recipe in merge.recipes, ranks the merges by
+Reads metrics/eval/merge/<recipe>.json for every recipe in merge.recipes, ranks the merges by
 select.metric (higher is better; ties broken by recipe name, so the choice is deterministic),
 and writes the top select.top_k with every score it used. A merge qualifies if it has the metric
 and scores at least select.min_score. When fewer than top_k qualify, select.on_too_few decides:
@@ -22,11 +22,6 @@ from pipeline.params import SelectSettings
 from pipeline.stage import start
 
 log = logging.getLogger("stages.select")
-
-
-def eval_name(recipe: str) -> str:
-    """The name a merge's eval goes by (metrics/eval/<name>.json, report columns)."""
-    return f"merge_{recipe}"
 
 
 def select(settings: SelectSettings, scores: dict[str, float | None]) -> dict[str, Any]:
@@ -60,12 +55,12 @@ def select(settings: SelectSettings, scores: dict[str, float | None]) -> dict[st
 def read_scores(eval_dir: Path, recipes: list[str], metric: str) -> dict[str, float | None]:
     scores = {}
     for recipe in recipes:
-        path = eval_dir / f"{eval_name(recipe)}.json"
+        path = eval_dir / f"{recipe}.json"
         if not path.is_file():
             raise SystemExit(f"error: {path} is missing: run eval_merge@{recipe} first")
         scores[recipe] = json.loads(path.read_text()).get(metric)
     if all(score is None for score in scores.values()):
-        known = sorted(json.loads((eval_dir / f"{eval_name(recipes[0])}.json").read_text()))
+        known = sorted(json.loads((eval_dir / f"{recipes[0]}.json").read_text()))
         raise SystemExit(
             f"error: select.metric {metric!r} is in no merge's eval metrics; they have: {', '.join(known)}"
         )
@@ -74,7 +69,7 @@ def read_scores(eval_dir: Path, recipes: list[str], metric: str) -> dict[str, fl
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--eval-metrics", type=Path, required=True, help="folder of <model>.json eval metrics")
+    parser.add_argument("--eval-metrics", type=Path, required=True, help="folder of the merges' <recipe>.json evals")
     parser.add_argument("--out", type=Path, required=True, help="selection JSON (a DVC metric)")
     args = parser.parse_args(argv)
     params = start("select")

@@ -20,6 +20,7 @@ from tests.project import BIN, commit_all, copy_project, dvc, set_params, sh, st
 
 EXPERTS = ["finetune@addition", "finetune@counting", "eval_expert@addition", "eval_expert@counting"]
 MERGES = ["merge@linear", "merge@ties", "eval_merge@linear", "eval_merge@ties", "select"]
+MOE = ["moe", "eval@moe", "moe_finetune@router", "eval_moe@router"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "linear": {"method": "linear", "parameters": {"weight": 1.0}},
             "ties": {"method": "ties", "parameters": {"weight": 0.5, "density": 0.5}},
         },
-        select__top_k=1,
+        select__top_k=2,
+        moe_finetune__defaults__max_steps=5,
+        moe_finetune__defaults__micro_batch_size=8,
+        moe_finetune__defaults__sequence_len=64,
+        moe_finetune__defaults__warmup_steps=1,
+        moe_finetune__mixture_rows=64,
+        moe_finetune__runs={"router": {"mode": "router"}},
     )
     commit_all(root)
     return root
@@ -67,7 +74,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_produces_every_output(project):
     result = dvc(project, "repro")
-    assert stages_run(result) == {"data", "tokenize", "pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES}
+    assert stages_run(result) == {"data", "tokenize", "pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES, *MOE}
     for path in (
         "data/corpus/train.jsonl",
         "data/sft/counting.jsonl",
@@ -88,8 +95,14 @@ def test_repro_produces_every_output(project):
         "metrics/finetune/counting.json",
         "models/merged/ties/model.safetensors",
         "models/merged/ties/mergekit.yaml",
-        "metrics/eval/merge_linear.json",
-        "metrics/report/cards/merge_ties.md",
+        "metrics/eval/merge/linear.json",
+        "metrics/report/cards/merge/ties.md",
+        "models/moe/mergekit_moe.yaml",
+        "models/moe_trained/router/model.safetensors",
+        "metrics/eval/moe.json",
+        "metrics/eval/moe_router.json",
+        "metrics/routing/moe_router.json",
+        "metrics/report/routing.png",
     ):
         assert (project / path).is_file(), path
     metrics = json.loads(dvc(project, "metrics", "show", "--json").stdout)
@@ -97,7 +110,8 @@ def test_repro_produces_every_output(project):
     assert '"vocab_size"' in values and '"corpus/train_documents"' in values and '"val/perplexity"' in values
     assert '"stories/acc"' in values
     selection = json.loads((project / "metrics/select.json").read_text())
-    assert len(selection["selected"]) == 1 and set(selection["scores"]) == {"linear", "ties"}
+    assert sorted(selection["selected"]) == ["linear", "ties"] and set(selection["scores"]) == {"linear", "ties"}
+    assert json.loads((project / "models/moe/moe_experts.json").read_text()) == selection["selected"]
     # Nothing generated may be left for git to commit.
     status = sh(project, "git", "status", "--porcelain").stdout
     assert not [line for line in status.splitlines() if re.search(r"(data|models|metrics)/(?!README)", line)], status
@@ -111,25 +125,31 @@ def test_second_repro_does_nothing(project):
 
 def test_changing_a_param_reruns_only_its_stages(project):
     evals = {"eval@pretrain", "eval_expert@addition", "eval_expert@counting", "report"}
-    evals |= {"eval_merge@linear", "eval_merge@ties", "select"}
+    evals |= {"eval_merge@linear", "eval_merge@ties", "select", "eval@moe", "eval_moe@router"}
+    # the selection file carries the new scores, so the MoE is rebuilt: to the same bytes, so
+    # its training does not rerun
     set_params(project, eval__limit=3)
-    assert stages_run(dvc(project, "repro")) == evals
+    assert stages_run(dvc(project, "repro")) == {*evals, "moe"}
 
     # one expert's setting: that expert, its eval, the merges and what follows; never the other expert
     set_params(project, finetune__experts__addition__learning_rate=0.001)
-    assert stages_run(dvc(project, "repro")) == {"finetune@addition", "eval_expert@addition", *MERGES, "report"}
+    assert stages_run(dvc(project, "repro")) == {"finetune@addition", "eval_expert@addition", *MERGES, *MOE, "report"}
 
-    # one recipe's parameter: that merge, its eval, the selection and the report
+    # one recipe's parameter: that merge and what depends on it (both merges make the MoE)
     set_params(project, merge__recipes__ties__parameters__density=0.7)
-    assert stages_run(dvc(project, "repro")) == {"merge@ties", "eval_merge@ties", "select", "report"}
+    assert stages_run(dvc(project, "repro")) == {"merge@ties", "eval_merge@ties", "select", *MOE, "report"}
+
+    # the MoE training run's setting: that run and its eval only
+    set_params(project, moe_finetune__runs__router__learning_rate=0.001)
+    assert stages_run(dvc(project, "repro")) == {"moe_finetune@router", "eval_moe@router", "report"}
 
     set_params(project, pretrain__learning_rate=0.002)
-    assert stages_run(dvc(project, "repro")) == {"pretrain", *EXPERTS, *MERGES, *evals}
+    assert stages_run(dvc(project, "repro")) == {"pretrain", *EXPERTS, *MERGES, *MOE, *evals}
 
     set_params(project, tokenize__vocab_size=500)
     status = dvc(project, "status").stdout
     assert "tokenize:" in status and "data:" not in status
-    assert stages_run(dvc(project, "repro")) == {"tokenize", "pretrain", *EXPERTS, *MERGES, *evals}
+    assert stages_run(dvc(project, "repro")) == {"tokenize", "pretrain", *EXPERTS, *MERGES, *MOE, *evals}
     assert json.loads((project / "metrics/tokenize.json").read_text())["vocab_size"] == 500
 
 
@@ -167,7 +187,7 @@ def test_killed_pretrain_resumes_under_dvc_repro(project):
     os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
     process.wait()
     result = dvc(project, "repro")
-    assert stages_run(result) == {"pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES}
+    assert stages_run(result) == {"pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES, *MOE}
     assert "resuming from" in result.stderr and "step-0000" in result.stderr
     assert json.loads((project / "metrics/pretrain.json").read_text())["steps"] == 400
 
@@ -176,8 +196,8 @@ def test_experiment_with_set_param(project):
     """`dvc exp run -S` works (it breaks if antlr4 4.13 sneaks back in) and shows the new value."""
     sh(project, "git", "add", "-A")
     sh(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "baseline")
-    dvc(project, "exp", "run", "-S", "tokenize.vocab_size=450")
+    dvc(project, "exp", "run", "-S", "eval.max_gen_tokens=8")
     shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
     text = json.dumps(shown)
-    assert '"vocab_size": 450' in text and '"vocab_size": 500' in text
-    assert '"val/loss"' in text
+    assert '"max_gen_tokens": 8' in text and '"max_gen_tokens": 16' in text
+    assert '"val/loss"' in text and '"all_skills/exact_match"' in text

@@ -127,3 +127,9 @@ def test_router_only_training_changes_only_the_gates(copies_moe, tiny_data, tmp_
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(".mlp.gate.weight" in name for name in changed), changed
     assert len(changed) == 2  # one router per layer
+    # the load-balancing loss was a training setting: the saved model generates with its KV cache
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert trained.config.output_router_logits is False
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids = tokenizer(["What is 2 plus 3?", "Sort 3 1 2."], return_tensors="pt", padding=True)
+    assert trained.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]

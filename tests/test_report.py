@@ -16,7 +16,12 @@ from stages import report
 TABLE = {
     "pretrain": {"addition/exact_match": 0.0, "stories/acc": 0.9, "perplexity/word_perplexity": 4.7},
     "expert_a": {"addition/exact_match": 0.95, "stories/acc": 0.85, "perplexity/word_perplexity": 5.1},
-    "merge_ties": {"addition/exact_match": 0.5, "stories/acc": 0.8, "perplexity/word_perplexity": 6.0},
+    "merge/ties": {"addition/exact_match": 0.5, "stories/acc": 0.8, "perplexity/word_perplexity": 6.0},
+    "moe_full": {"addition/exact_match": 0.9, "all_skills/exact_match": 0.9},
+}
+ROUTING = {
+    "experts": ["ties", "linear"],
+    "skills": {"addition": [[0.7, 0.3], [0.6, 0.4]], "sorting": [[0.2, 0.8], [0.5, 0.5]]},
 }
 SELECTION = {"metric": "addition/exact_match", "selected": ["ties"], "missing": 1, "scores": {"ties": 0.5}}
 LOCK = """schema: '2.0'
@@ -47,25 +52,31 @@ def built(tmp_path, tiny_pretrained) -> Path:
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
     for model, metrics in TABLE.items():
+        (eval_dir / f"{model}.json").parent.mkdir(parents=True, exist_ok=True)
         (eval_dir / f"{model}.json").write_text(json.dumps(metrics))
     (tmp_path / "dvc.lock").write_text(LOCK)
     (tmp_path / "select.json").write_text(json.dumps(SELECTION))
+    (tmp_path / "routing").mkdir()
+    (tmp_path / "routing" / "moe_full.json").write_text(json.dumps(ROUTING))
     curves = {"pretrain": tiny_pretrained[1] / "live"}
-    report.run(eval_dir, curves, tmp_path / "dvc.lock", tmp_path / "out", tmp_path / "select.json")
+    report.run(
+        eval_dir, curves, tmp_path / "dvc.lock", tmp_path / "out", tmp_path / "select.json", tmp_path / "routing"
+    )
     return tmp_path / "out"
 
 
 def test_leaderboard_marks_the_best_of_each_row(built):
     text = (built / "leaderboard.md").read_text()
-    assert "| task/metric | pretrain | expert_a | merge_ties |" in text  # base, experts, merges
-    assert "| addition/exact_match | 0 | **0.95** | 0.5 |" in text
-    assert "| stories/acc | **0.9** | 0.85 | 0.8 |" in text
-    assert "| perplexity/word_perplexity | **4.7** | 5.1 | 6 |" in text  # lower is better
+    assert "| task/metric | pretrain | expert_a | merge/ties | moe_full |" in text  # base, experts, merges, MoE
+    assert "| addition/exact_match | 0 | **0.95** | 0.5 | 0.9 |" in text
+    assert "| stories/acc | **0.9** | 0.85 | 0.8 |  |" in text
+    assert "| perplexity/word_perplexity | **4.7** | 5.1 | 6 |  |" in text  # lower is better
+    assert "| trained MoE | moe_full | 0.9 |" in text  # best of each kind (only it has all_skills here)
     assert "selected for the mixture of experts by `addition/exact_match`: ties (0.5); 1 fewer" in text
 
 
 def test_plots_are_real_pngs(built):
-    for name in ("skill_matrix.png", "curves.png"):
+    for name in ("skill_matrix.png", "curves.png", "routing.png"):
         data = (built / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
@@ -73,7 +84,8 @@ def test_plots_are_real_pngs(built):
 def test_html_is_self_contained_with_lineage(built):
     page = (built / "index.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing loads from elsewhere
-    assert page.count('src="data:image/png;base64,') == 2
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "<td>trained MoE</td><td>moe_full</td><td>0.9</td>" in page
     assert "made by stage <code>pretrain</code> from <code>data/tokens</code>" in page
     assert "&quot;learning_rate&quot;: 0.003" in page
 
@@ -112,10 +124,11 @@ def test_report_renders_in_a_real_browser(built, tmp_path):
     ]  # fmt: skip
     url = (built / "index.html").resolve().as_uri()
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count('data-rendered="yes"') == 2, "both images decoded and rendered"
+    assert dom.count('data-rendered="yes"') == 3, "every image decoded and rendered"
     assert 'data-rendered="no"' not in dom
     rows = re.findall(r"<tr><th>([^<]+)</th>", dom)
-    assert rows == ["task/metric", "addition/exact_match", "perplexity/word_perplexity", "stories/acc"]
+    metrics = ["addition/exact_match", "all_skills/exact_match", "perplexity/word_perplexity", "stories/acc"]
+    assert rows == ["task/metric", *metrics]
     screenshot = tmp_path / "report.png"
     subprocess.run([browser, *flags, "--window-size=1200,900", f"--screenshot={screenshot}", url],
                    capture_output=True, timeout=120)  # fmt: skip

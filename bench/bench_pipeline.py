@@ -1,0 +1,100 @@
+"""The whole default experiment from a fresh clone: `dvc repro` timed stage by stage.
+
+    python -m bench.bench_pipeline      (or `make bench`)
+
+Clones the committed project into a temporary folder, runs `dvc repro` there exactly as
+`make run` does (same environment, nothing cached), stamps the time at which DVC starts each
+stage, and prints seconds per stage, per kind of stage, and against the 10-minute target. It
+then times the fixed start-up of the tools that each stage process pays again (importing
+axolotl, lm-eval, mergekit; a DVC call), so the table shows where time goes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from pipeline.params import PROJECT_ROOT
+
+TARGET_SECONDS = 600
+BIN = Path(sys.executable).parent
+KINDS = (
+    ("data + tokenize", r"^(data|tokenize)$"),
+    ("pretrain", r"^pretrain$"),
+    ("experts (axolotl)", r"^finetune@"),
+    ("merges (mergekit)", r"^merge@"),
+    ("select", r"^select$"),
+    ("MoE build (mergekit-moe)", r"^moe$"),
+    ("MoE training (axolotl)", r"^moe_finetune@"),
+    ("evals (lm-eval)", r"^eval"),
+    ("report", r"^report$"),
+)
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+            "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+
+
+def timed_repro(project: Path) -> tuple[dict[str, float], float]:
+    """Stage -> seconds, and the total, of one `dvc repro` (a stage ends when the next one starts)."""
+    started = time.perf_counter()
+    process = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=environment(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    marks: list[tuple[str, float]] = []
+    for line in process.stdout:
+        match = re.match(r"Running stage '([^']+)'", line)
+        if match:
+            marks.append((match.group(1), time.perf_counter()))
+            print(f"  {marks[-1][1] - started:6.1f} s  {match.group(1)}", flush=True)
+    if process.wait() != 0:
+        raise SystemExit("error: dvc repro failed in the clone; run `make run` to see why")
+    total = time.perf_counter() - started
+    ends = [mark for _, mark in marks[1:]] + [started + total]
+    return {stage: end - start for (stage, start), end in zip(marks, ends, strict=True)}, total
+
+
+def startup_seconds(statement: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", statement], cwd=PROJECT_ROOT, env=environment(), check=True,
+                   capture_output=True)  # fmt: skip
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp) / "project"
+        subprocess.run(["git", "clone", "-q", str(PROJECT_ROOT), str(project)], check=True)
+        print(f"dvc repro of the default params.yaml in a fresh clone ({project}):")
+        stages, total = timed_repro(project)
+    kinds: dict[str, list[float]] = defaultdict(list)
+    for stage, seconds in stages.items():
+        kind = next((name for name, pattern in KINDS if re.search(pattern, stage)), "other")
+        kinds[kind].append(seconds)
+    print(f"\n{'kind of stage':<28}{'stages':>7}{'seconds':>9}{'share':>7}")
+    for name, _ in (*KINDS, ("other", "")):
+        if name in kinds:
+            seconds = sum(kinds[name])
+            print(f"{name:<28}{len(kinds[name]):>7}{seconds:>9.1f}{seconds / total:>7.0%}")
+    print(
+        f"{'total (dvc repro)':<28}{len(stages):>7}{total:>9.1f}   {total / TARGET_SECONDS:.2f}x the 10-minute target"
+    )
+    print("\nfixed start-up each stage process pays (imports, measured alone):")
+    for name, statement in (
+        ("python + torch + transformers", "import torch, transformers"),
+        ("axolotl (train CLI)", "import axolotl.cli.train, axolotl.train"),
+        ("lm-eval (+ HF model class)", "import lm_eval, lm_eval.models.huggingface"),
+        ("mergekit", "import mergekit.merge, mergekit.scripts.moe"),
+        ("dvc (Repo, as each stage's params check)", "from dvc.repo import Repo"),
+    ):
+        print(f"  {name:<42}{startup_seconds(statement):>6.1f} s")
+
+
+if __name__ == "__main__":
+    main()
