@@ -547,7 +547,7 @@ class SelectSettings(Section):
     metric: str = Field(
         "all_skills/exact_match", description="An eval metric (a key of metrics/eval/<model>.json); higher is better."
     )
-    top_k: int = Field(2, ge=1, description="How many merges to select.")
+    top_k: int = Field(4, ge=1, description="How many merges to select (the MoE's experts, by default).")
     min_score: float | None = Field(None, description="Only merges scoring at least this qualify.")
     on_too_few: Literal["keep", "fail"] = Field(
         "keep",

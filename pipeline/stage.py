@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 from pipeline.params import PROJECT_ROOT, ParamsError, load_stage_params
@@ -35,9 +36,11 @@ def setup_logging() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     # Import-time noise of the stack on a CPU machine: torchao's CUDA-only kernels fail to load,
-    # and torch warns about its own enum registration. Neither affects a run.
-    for name in ("torchao", "torch.utils._pytree"):
+    # torch warns about its own enum registration, and bitsandbytes (imported through peft by
+    # mergekit) cannot fetch its optional CPU kernel offline. None of it affects a run.
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Skipping publisher trust check")
 
 
 def start(stage: str) -> Any:
