@@ -673,7 +673,11 @@ class Params(Section):
     @model_validator(mode="after")
     def _moe_is_buildable_and_useful(self) -> Params:
         moe, experts = self.moe, list(self.finetune.experts)
-        count = {"selected_merges": self.select.top_k, "experts": len(moe.experts or experts), "base": moe.num_experts}
+        count = {
+            "selected_merges": min(self.select.top_k, len(self.merge.recipes)),
+            "experts": len(moe.experts or experts),
+            "base": moe.num_experts,
+        }
         if moe.source == "selected_merges" and not self.merge.recipes:
             raise ValueError("moe.source is selected_merges but merge.recipes is empty")
         if moe.experts is not None:
@@ -683,7 +687,8 @@ class Params(Section):
         if moe.experts_per_token > count[moe.source]:
             raise ValueError(
                 f"moe.experts_per_token {moe.experts_per_token} is more than the {count[moe.source]} experts "
-                f"that moe.source {moe.source} gives" + (" (select.top_k)" if moe.source == "selected_merges" else "")
+                f"that moe.source {moe.source} gives"
+                + (" (select.top_k, at most the number of merge.recipes)" if moe.source == "selected_merges" else "")
             )
         if moe.source == "base":
             if not self.moe_finetune.runs:

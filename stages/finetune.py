@@ -169,12 +169,13 @@ def run(
     *,
     where: str | None = None,
     extra_config: dict[str, Any] | None = None,
+    stage: str | None = None,
     card_title: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune one model; write the model folder; return summary metrics.
 
-    The MoE stage reuses this with its own settings key (`where`), axolotl keys (`extra_config`)
-    and card title.
+    The MoE training stage reuses this with its own settings key (`where`), extra axolotl keys
+    (`extra_config`), stage name and model card title.
     """
     from transformers import AutoTokenizer
 
@@ -215,8 +216,9 @@ def run(
             restore_model_config(tmp / "config.json", Path(base_model) / "config.json", config["model_config"])
         shutil.copy2(config_path, tmp / "axolotl.yaml")
         summary = {**summarize(live_dir), "data/rows": rows, "data/rows_trained_on": kept}
-        title = card_title or f"Expert `{expert}`\n\nFine-tuned by this project's `finetune@{expert}` stage"
-        (tmp / "README.md").write_text(model_card(title, base_model, str(dataset), settings, summary))
+        card = model_card(card_title or f"Expert `{expert}`", stage or f"finetune@{expert}", base_model, str(dataset),
+                          settings, summary)  # fmt: skip
+        (tmp / "README.md").write_text(card)
     shutil.rmtree(work_dir)
     return summary
 
@@ -244,8 +246,12 @@ def summarize(live_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def model_card(title: str, base_model: str, dataset: str, settings: SFTSettings, summary: dict[str, Any]) -> str:
-    return f"""# {title} with axolotl from `{base_model}` on
+def model_card(
+    title: str, stage: str, base_model: str, dataset: str, settings: SFTSettings, summary: dict[str, Any]
+) -> str:
+    return f"""# {title}
+
+Trained by this project's `{stage}` stage with axolotl from `{base_model}` on
 `{dataset}` (loss on the answers only). The generated axolotl config is `axolotl.yaml`.
 
 ## Final metrics

@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         sources = {f"copy_{i}": args.base_model for i in range(settings.num_experts)}
         parents = {}
     configure_environment()
-    prompts = expert_prompts(settings, sources, parents, datasets)
+    routed_by_prompts = settings.gate_mode in ("hidden", "cheap_embed")
+    prompts = expert_prompts(settings, sources, parents, datasets) if routed_by_prompts else {}
     config = moe_config(settings, sources, prompts, next(iter(sources.values())))
     log.info("building a %d-expert MoE from %s (gate %s)", len(sources), ", ".join(sources), settings.gate_mode)
     build(settings, config, list(sources), settings.source == "base", args.out)

@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     mixture = args.work.parent / f"{args.work.name}_mixture.jsonl"
     counts = write_mixture(settings, datasets, sft.seed, mixture)
     log.info("training mixture: %s", ", ".join(f"{n} {c}" for n, c in counts.items()))
-    title = f"Trained MoE `{args.run}` ({run.mode})\n\nTrained by this project's `moe_finetune@{args.run}` stage"
     summary = finetune.run(
         sft, args.run, args.moe, mixture, args.out, args.work, args.live,
-        where=f"moe_finetune.runs.{args.run}", extra_config=mode_config(run, settings), card_title=title,
+        where=f"moe_finetune.runs.{args.run}", extra_config=mode_config(run, settings),
+        stage=f"moe_finetune@{args.run}", card_title=f"Trained MoE `{args.run}` ({run.mode})",
     )  # fmt: skip
     mixture.unlink()
     summary.update({f"mixture/{name}": count for name, count in counts.items()})

@@ -58,6 +58,8 @@ def hub_project(tiny_pretrained, tmp_path_factory):
         },
         finetune__base_model="data/hub/base",
         finetune__experts={"chat": {"dataset": "data/hub/chat/data/train.jsonl"}},
+        merge__recipes={"linear": {"method": "linear", "parameters": {"weight": 1.0}}},
+        moe__experts_per_token=1,
     )
     commit_all(project)
     return project, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}

@@ -126,7 +126,8 @@ def test_report_renders_in_a_real_browser(built, tmp_path):
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     assert dom.count('data-rendered="yes"') == 3, "every image decoded and rendered"
     assert 'data-rendered="no"' not in dom
-    rows = re.findall(r"<tr><th>([^<]+)</th>", dom)
+    leaderboard = re.search(r'<table id="leaderboard">.*?</table>', dom, re.S).group(0)
+    rows = re.findall(r"<tr><th>([^<]+)</th>", leaderboard)
     metrics = ["addition/exact_match", "all_skills/exact_match", "perplexity/word_perplexity", "stories/acc"]
     assert rows == ["task/metric", *metrics]
     screenshot = tmp_path / "report.png"
