@@ -671,6 +671,33 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _merges_name_known_experts_in_valid_numbers(self) -> Params:
+        experts = list(self.finetune.experts)
+        for name, recipe in self.merge.recipes.items():
+            where = f"merge.recipes.{name}"
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"{where}: use lowercase letters, digits and _ in recipe names (they name files)")
+            chosen = recipe.experts if recipe.experts is not None else experts
+            unknown = [e for e in chosen if e not in experts]
+            if unknown:
+                raise ValueError(f"{where}.experts: {unknown} are not in finetune.experts ({', '.join(experts)})")
+            if len(set(chosen)) != len(chosen):
+                raise ValueError(f"{where}.experts lists an expert twice: {chosen}")
+            spec = MERGE_METHODS[recipe.method]
+            inputs = len(chosen) + int(recipe.uses_base_model())
+            if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
+                wanted = spec.min_inputs if spec.max_inputs == spec.min_inputs else f"at least {spec.min_inputs}"
+                base = " (the base model counts as one)" if recipe.uses_base_model() else ""
+                raise ValueError(
+                    f"{where}: {recipe.method} merges {wanted} models{base}, got {inputs}: {chosen}"
+                    + (f"; name {spec.max_inputs} experts in `experts`" if spec.max_inputs else "")
+                )
+            for parameter, value in recipe.parameters.items():
+                if isinstance(value, dict) and set(value) != set(chosen):
+                    raise ValueError(f"{where}.parameters.{parameter}: give a value for each of {chosen}")
+        return self
+
+    @model_validator(mode="after")
     def _moe_is_buildable_and_useful(self) -> Params:
         moe, experts = self.moe, list(self.finetune.experts)
         count = {
@@ -710,33 +737,6 @@ class Params(Section):
         for name in self.moe_finetune.runs:
             if not re.fullmatch(r"[a-z0-9_]+", name):
                 raise ValueError(f"moe_finetune.runs.{name}: use lowercase letters, digits and _ (it names files)")
-        return self
-
-    @model_validator(mode="after")
-    def _merges_name_known_experts_in_valid_numbers(self) -> Params:
-        experts = list(self.finetune.experts)
-        for name, recipe in self.merge.recipes.items():
-            where = f"merge.recipes.{name}"
-            if not re.fullmatch(r"[a-z0-9_]+", name):
-                raise ValueError(f"{where}: use lowercase letters, digits and _ in recipe names (they name files)")
-            chosen = recipe.experts if recipe.experts is not None else experts
-            unknown = [e for e in chosen if e not in experts]
-            if unknown:
-                raise ValueError(f"{where}.experts: {unknown} are not in finetune.experts ({', '.join(experts)})")
-            if len(set(chosen)) != len(chosen):
-                raise ValueError(f"{where}.experts lists an expert twice: {chosen}")
-            spec = MERGE_METHODS[recipe.method]
-            inputs = len(chosen) + int(recipe.uses_base_model())
-            if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
-                wanted = spec.min_inputs if spec.max_inputs == spec.min_inputs else f"at least {spec.min_inputs}"
-                base = " (the base model counts as one)" if recipe.uses_base_model() else ""
-                raise ValueError(
-                    f"{where}: {recipe.method} merges {wanted} models{base}, got {inputs}: {chosen}"
-                    + (f"; name {spec.max_inputs} experts in `experts`" if spec.max_inputs else "")
-                )
-            for parameter, value in recipe.parameters.items():
-                if isinstance(value, dict) and set(value) != set(chosen):
-                    raise ValueError(f"{where}.parameters.{parameter}: give a value for each of {chosen}")
         return self
 
 

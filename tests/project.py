@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from ruamel.yaml import YAML
 
-from pipeline.params import PROJECT_ROOT
+from pipeline.params import PROJECT_ROOT, ParamsError, load_params
 
 BIN = Path(sys.executable).parent
 Completed = subprocess.CompletedProcess
@@ -71,3 +72,12 @@ def commit_all(project: Path) -> None:
     sh(project, "git", "init", "-q")
     sh(project, "git", "add", "-A")
     sh(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "tiny")
+
+
+def params_error(tmp_path: Path, text: str) -> str:
+    """The error message of a params.yaml with `text` (which must be invalid)."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as raised:
+        load_params(path)
+    return str(raised.value)

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.params import MERGE_METHODS, MergeRecipe, ParamsError, SelectSettings, load_params
+from pipeline.params import MERGE_METHODS, MergeRecipe, SelectSettings, load_params
 from stages import merge
 from stages.select import select
+from tests.project import params_error
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
@@ -110,14 +111,6 @@ def test_random_drop_merges_are_byte_identical_on_rerun(models, tmp_path):
     (a,), (b,), (c,) = (sorted(p.glob("*.safetensors")) for p in (first, second, other_seed))
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()  # the seed really drives the drop
-
-
-def params_error(tmp_path, merge_yaml: str) -> str:
-    path = tmp_path / "params.yaml"
-    path.write_text(merge_yaml)
-    with pytest.raises(ParamsError) as error:
-        load_params(path)
-    return str(error.value)
 
 
 @pytest.mark.parametrize(

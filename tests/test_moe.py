@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
-from pipeline.params import MoEFinetuneSettings, MoERun, MoESettings, ParamsError, SFTSettings, load_params
+from pipeline.params import MoEFinetuneSettings, MoERun, MoESettings, SFTSettings
 from stages import finetune, moe, moe_finetune
+from tests.project import params_error
 
 
 def build_moe(settings: MoESettings, sources: dict[str, str], out, allow_all_same: bool = False, prompts=None):
@@ -67,14 +68,6 @@ def test_prompts_default_to_the_experts_sft_questions(tiny_data):
                                  "addition": ["addition"]}, datasets)  # fmt: skip
     assert len(prompts["ties"].positive) == 4 and len(prompts["addition"].positive) == 2
     assert "plus" in prompts["addition"].positive[0]
-
-
-def params_error(tmp_path, text: str) -> str:
-    path = tmp_path / "params.yaml"
-    path.write_text(text)
-    with pytest.raises(ParamsError) as error:
-        load_params(path)
-    return str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -20,18 +20,13 @@ from pipeline.params import (
     declared_params,
     load_params,
 )
+from tests.project import params_error
 
 
 def write_params(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(text)
     return path
-
-
-def error_for(tmp_path: Path, text: str) -> str:
-    with pytest.raises(ParamsError) as raised:
-        load_params(write_params(tmp_path, text))
-    return str(raised.value)
 
 
 def test_shipped_params_are_valid_and_every_declared_key_exists():
@@ -70,35 +65,35 @@ def test_empty_file_gives_defaults(tmp_path):
 
 
 def test_unknown_key_names_path_and_valid_keys(tmp_path):
-    message = error_for(tmp_path, "data:\n  world:\n    contries: 3\n")
+    message = params_error(tmp_path, "data:\n  world:\n    contries: 3\n")
     assert "data.world.contries: unknown key" in message
     assert "countries" in message and "corpus_megabytes" in message
 
 
 def test_unknown_section(tmp_path):
-    message = error_for(tmp_path, "pretrian:\n  steps: 3\n")
+    message = params_error(tmp_path, "pretrian:\n  steps: 3\n")
     assert "pretrian: unknown key" in message and "tokenize" in message
 
 
 def test_wrong_type_and_range_are_both_reported(tmp_path):
-    message = error_for(tmp_path, "tokenize:\n  vocab_size: many\ndata:\n  val_fraction: 0.7\n")
+    message = params_error(tmp_path, "tokenize:\n  vocab_size: many\ndata:\n  val_fraction: 0.7\n")
     assert "tokenize.vocab_size" in message and "'many'" in message
     assert "data.val_fraction" in message and "less than 0.5" in message
     assert "2 invalid setting(s)" in message
 
 
 def test_invalid_choice_lists_valid_ones(tmp_path):
-    message = error_for(tmp_path, "data:\n  corpus:\n    source: web\n")
+    message = params_error(tmp_path, "data:\n  corpus:\n    source: web\n")
     assert "data.corpus.source" in message and "'synthetic', 'local' or 'hub'" in message
 
 
 def test_unknown_skill(tmp_path):
-    message = error_for(tmp_path, "data:\n  skills:\n    names: [addition, poetry]\n")
+    message = params_error(tmp_path, "data:\n  skills:\n    names: [addition, poetry]\n")
     assert "data.skills.names.1" in message and "'counting'" in message
 
 
 def test_duplicate_skill(tmp_path):
-    assert "twice" in error_for(tmp_path, "data:\n  skills:\n    names: [addition, addition]\n")
+    assert "twice" in params_error(tmp_path, "data:\n  skills:\n    names: [addition, addition]\n")
 
 
 @pytest.mark.parametrize(
@@ -111,17 +106,17 @@ def test_duplicate_skill(tmp_path):
     ],
 )
 def test_corpus_source_needs_its_fields(tmp_path, corpus, expected):
-    message = error_for(tmp_path, f"data:\n  corpus: {corpus}\n")
+    message = params_error(tmp_path, f"data:\n  corpus: {corpus}\n")
     assert "data.corpus" in message and expected in message
 
 
 def test_special_tokens_must_differ(tmp_path):
-    message = error_for(tmp_path, "tokenize:\n  pad_token: '</s>'\n")
+    message = params_error(tmp_path, "tokenize:\n  pad_token: '</s>'\n")
     assert "tokenize" in message and "distinct" in message
 
 
 def test_not_yaml(tmp_path):
-    assert "not valid YAML" in error_for(tmp_path, "data: [unclosed\n")
+    assert "not valid YAML" in params_error(tmp_path, "data: [unclosed\n")
 
 
 def test_declared_params_come_from_dvc_yaml():
@@ -184,5 +179,5 @@ def test_make_check_cli_reports_bad_key(tmp_path):
     ],
 )
 def test_pretrain_settings_are_checked_together(tmp_path, pretrain, expected):
-    message = error_for(tmp_path, f"pretrain: {pretrain}\n")
+    message = params_error(tmp_path, f"pretrain: {pretrain}\n")
     assert "pretrain" in message and expected in message
