@@ -292,7 +292,7 @@ class EvalSettings(Section):
         "e.g. {arc_easy: {test: data/arc_easy.jsonl}} (json/jsonl/parquet with the task's columns).",
     )
     num_fewshot: int = Field(0, ge=0, description="Examples shown before each question.")
-    batch_size: int = Field(16, ge=1, description="Requests per forward pass.")
+    batch_size: int = Field(64, ge=1, description="Requests per forward pass.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N items of each task (quick runs).")
     max_gen_tokens: int = Field(16, ge=1, description="Longest answer generated for exact-answer tasks.")
     apply_chat_template: bool = Field(
