@@ -35,8 +35,9 @@ def first_questions(dataset: Path, count: int) -> list[str]:
     """The first `count` user messages of a chat-messages dataset (jsonl, json or parquet)."""
     from datasets import load_dataset
 
-    kind = {".parquet": "parquet"}.get(dataset.suffix, "json")
-    rows = load_dataset(kind, data_files=str(dataset), split=f"train[:{count}]")
+    from stages.finetune import dataset_format
+
+    rows = load_dataset(dataset_format(dataset), data_files=str(dataset), split=f"train[:{count}]")
     return [next(m["content"] for m in messages if m["role"] == "user") for messages in rows["messages"]]
 
 

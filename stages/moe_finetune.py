@@ -45,8 +45,7 @@ def write_mixture(settings: MoEFinetuneSettings, datasets: dict[str, Path], seed
     rows: list[dict[str, Any]] = []
     for name, count in counts.items():
         path = datasets[name]
-        kind = {".parquet": "parquet"}.get(path.suffix, "json")
-        messages = load_dataset(kind, data_files=str(path), split="train")["messages"]
+        messages = load_dataset(finetune.dataset_format(path), data_files=str(path), split="train")["messages"]
         # with replacement only when the mixture asks for more rows than the dataset has
         picks = (
             rng.sample(range(len(messages)), count)
