@@ -68,6 +68,7 @@ def axolotl_config(settings: SFTSettings, base_model: str, dataset: str, work_di
         "train_on_eos": "turn",
         "sequence_len": settings.sequence_len,
         "sample_packing": settings.sample_packing,
+        "pad_to_multiple_of": settings.pad_to_multiple_of,
         "micro_batch_size": settings.micro_batch_size,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "max_steps": settings.max_steps,
