@@ -1,8 +1,9 @@
 """An axolotl plugin that sends the trainer's logs to dvclive (axolotl has no dvclive reporter).
 
 The finetune stage lists `pipeline.axolotl_dvclive.DVCLivePlugin` under `plugins:` in the
-generated axolotl config and names the dvclive folder in PIPELINE_DVCLIVE_DIR. Curves are
-indexed by optimizer step (transformers' own DVCLiveCallback counts log calls instead).
+generated axolotl config and names the dvclive folder in PIPELINE_DVCLIVE_DIR
+(`pipeline.stage.DVCLIVE_DIR_VARIABLE`). Curves are indexed by optimizer step (transformers'
+own DVCLiveCallback counts log calls instead).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
-DVCLIVE_DIR_VARIABLE = "PIPELINE_DVCLIVE_DIR"
+from pipeline.stage import DVCLIVE_DIR_VARIABLE
+
 CURVES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/lr", "eval_loss": "eval/loss"}
 
 

@@ -11,6 +11,11 @@ from pipeline.params import PROJECT_ROOT, ParamsError, load_stage_params
 
 log = logging.getLogger("pipeline")
 
+# The environment variable naming the folder where the axolotl plugin (pipeline/axolotl_dvclive.py)
+# writes its curves: set by the finetune stage, read inside axolotl's process. It lives here so the
+# stage need not import axolotl (9 s) to launch it.
+DVCLIVE_DIR_VARIABLE = "PIPELINE_DVCLIVE_DIR"
+
 
 def configure_environment(*, hub_access: bool = False) -> None:
     """Keep caches inside the project, telemetry off, and the hub offline unless settings need it.

@@ -5,10 +5,10 @@
         --live metrics/finetune/addition --metrics metrics/finetune/addition.json
 
 The stage turns the validated settings (finetune.defaults + finetune.experts.<expert>) into an
-axolotl config (saved as axolotl.yaml in the output folder), checks before training and again
-in axolotl's prepared dataset that no more than `max_dropped_share` of the rows are too long
-for `sequence_len` (axolotl drops those without a word),
-runs `axolotl.cli.train` in a subprocess (and `axolotl.cli.merge_lora` for LoRA), and copies
+axolotl config (saved as axolotl.yaml in the output folder), runs `axolotl.cli.train` in a
+subprocess (and `axolotl.cli.merge_lora` for LoRA), checks while axolotl starts up (before it
+trains) and again in its prepared dataset that no more than `max_dropped_share` of the rows are
+too long for `sequence_len` (axolotl drops those without a word), and copies
 only the model files from axolotl's work folder into the output, so that an identical rerun
 gives identical output hashes (axolotl's own output folder also holds timestamped logs).
 """
@@ -29,9 +29,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json
-from pipeline.axolotl_dvclive import DVCLIVE_DIR_VARIABLE
 from pipeline.params import PROJECT_ROOT, SFTSettings
-from pipeline.stage import configure_environment, start
+from pipeline.stage import DVCLIVE_DIR_VARIABLE, configure_environment, start
 
 log = logging.getLogger("stages.finetune")
 
@@ -149,14 +148,18 @@ def prepared_rows(work_dir: Path) -> int:
     return len(load_from_disk(str(prepared)))
 
 
-def run_axolotl(module: str, config_path: Path, live_dir: Path, *extra: str) -> None:
+def start_axolotl(module: str, config_path: Path, live_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, DVCLIVE_DIR_VARIABLE: str(live_dir.resolve()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     command = [sys.executable, "-m", module, str(config_path), *extra]
     log.info("running %s", " ".join(command))
-    result = subprocess.run(command, env=env, cwd=PROJECT_ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"error: {module} failed with exit code {result.returncode} (its log is above)")
+    return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT)
+
+
+def wait_for_axolotl(process: subprocess.Popen) -> None:
+    if process.wait() != 0:
+        module = process.args[2]
+        raise SystemExit(f"error: {module} failed with exit code {process.returncode} (its log is above)")
 
 
 def run(
@@ -173,23 +176,15 @@ def run(
     stage: str | None = None,
     card_title: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune one model; write the model folder; return summary metrics.
+    """Fine-tune one model; write the model folder and its curves; return summary metrics.
 
     The MoE training stage reuses this with its own settings key (`where`), extra axolotl keys
     (`extra_config`), stage name and model card title.
     """
-    from transformers import AutoTokenizer
-
     where = where or f"finetune.experts.{expert}"
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    rows, too_long = count_long_rows(dataset, tokenizer, settings.sequence_len)
-    check_dropped(settings, dataset, where, rows, too_long, "are")  # before any training
-    log.info("%d rows, %d longer than %d tokens", rows, too_long, settings.sequence_len)
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
-    if live_dir.exists():
-        shutil.rmtree(live_dir)
     config = {
         **axolotl_config(settings, base_model, str(dataset), work_dir, use_bf16(settings)),
         **(extra_config or {}),
@@ -197,12 +192,29 @@ def run(
     config_path = work_dir / "axolotl.yaml"
     with open(config_path, "w") as handle:
         YAML().dump(config, handle)
-    run_axolotl("axolotl.cli.train", config_path, live_dir)
+    # The curves go to the work folder first and replace live_dir only when all went well.
+    work_live = work_dir / "live"
+    # axolotl spends its first ~10 s importing, on one core: the data check runs meanwhile on
+    # the other. A failed check stops axolotl before it has trained.
+    training = start_axolotl("axolotl.cli.train", config_path, work_live)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        rows, too_long = count_long_rows(dataset, tokenizer, settings.sequence_len)
+        check_dropped(settings, dataset, where, rows, too_long, "are")
+    except BaseException:
+        training.kill()
+        training.wait()
+        shutil.rmtree(work_dir)
+        raise
+    log.info("%d rows, %d longer than %d tokens", rows, too_long, settings.sequence_len)
+    wait_for_axolotl(training)
     kept = prepared_rows(work_dir)
     check_dropped(settings, dataset, where, rows, rows - kept, "were")  # what axolotl really did
     trained = work_dir / "output"
     if settings.adapter == "lora":
-        run_axolotl("axolotl.cli.merge_lora", config_path, live_dir, f"--lora-model-dir={trained}")
+        wait_for_axolotl(start_axolotl("axolotl.cli.merge_lora", config_path, work_live, f"--lora-model-dir={trained}"))
         trained = trained / "merged"
 
     with atomic_dir(out_dir) as tmp:
@@ -216,10 +228,14 @@ def run(
         if "model_config" in config:
             restore_model_config(tmp / "config.json", Path(base_model) / "config.json", config["model_config"])
         shutil.copy2(config_path, tmp / "axolotl.yaml")
-        summary = {**summarize(live_dir), "data/rows": rows, "data/rows_trained_on": kept}
+        summary = {**summarize(work_live), "data/rows": rows, "data/rows_trained_on": kept}
         card = model_card(card_title or f"Expert `{expert}`", stage or f"finetune@{expert}", base_model, str(dataset),
                           settings, summary)  # fmt: skip
         (tmp / "README.md").write_text(card)
+    if live_dir.exists():
+        shutil.rmtree(live_dir)
+    live_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(work_live, live_dir)
     shutil.rmtree(work_dir)
     return summary
 

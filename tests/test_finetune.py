@@ -120,6 +120,7 @@ def test_gpu_profile_config_passes_axolotls_own_validation():
     validated = validate_config(DictDefault(config))
     assert validated.bf16 is True and validated.attn_implementation == "flash_attention_2"
     assert validated.adapter == "lora" and validated.sample_packing is True
+    assert validated.pad_to_multiple_of == settings.pad_to_multiple_of == 8
 
 
 def test_parquet_datasets_and_their_checks(tiny_tokenized, tmp_path):
