@@ -14,7 +14,9 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
-from pipeline.stage import DVCLIVE_DIR_VARIABLE
+from pipeline.stage import DVCLIVE_DIR_VARIABLE, skip_final_garbage_collection
+
+skip_final_garbage_collection()  # in axolotl's process too, which loads this plugin
 
 CURVES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/lr", "eval_loss": "eval/loss"}
 
