@@ -344,7 +344,7 @@ class SFTSettings(Section):
     sample_packing: bool = Field(False, description="Pack several rows into one sequence.")
     pad_to_multiple_of: int = Field(
         8, ge=1, description="Pad each batch to its longest row rounded up to this. axolotl's own default, 64, "
-        "suits A100 tensor cores but makes short rows (~25 tokens here) cost 2.5 times the compute."
+        "suits A100 tensor cores but more than doubles the step time on short rows (~25 tokens here)."
     )  # fmt: skip
     gradient_checkpointing: bool = False
     seed: int = 0
