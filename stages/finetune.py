@@ -158,8 +158,8 @@ def start_axolotl(module: str, config_path: Path, live_dir: Path, *extra: str) -
 
 def wait_for_axolotl(process: subprocess.Popen) -> None:
     if process.wait() != 0:
-        module = process.args[2]
-        raise SystemExit(f"error: {module} failed with exit code {process.returncode} (its log is above)")
+        command = " ".join(process.args[1:])
+        raise SystemExit(f"error: `{command}` failed with exit code {process.returncode} (its log is above)")
 
 
 def run(

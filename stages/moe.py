@@ -25,6 +25,7 @@ from ruamel.yaml import YAML
 from pipeline.atomic import atomic_dir, dumps_json, write_json
 from pipeline.params import ExpertPrompts, MoESettings
 from pipeline.stage import configure_environment, start
+from stages.finetune import dataset_format
 
 log = logging.getLogger("stages.moe")
 
@@ -34,8 +35,6 @@ EXPERT_NAMES = "moe_experts.json"  # in the MoE folder: which source each expert
 def first_questions(dataset: Path, count: int) -> list[str]:
     """The first `count` user messages of a chat-messages dataset (jsonl, json or parquet)."""
     from datasets import load_dataset
-
-    from stages.finetune import dataset_format
 
     rows = load_dataset(dataset_format(dataset), data_files=str(dataset), split=f"train[:{count}]")
     return [next(m["content"] for m in messages if m["role"] == "user") for messages in rows["messages"]]
