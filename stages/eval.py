@@ -1,16 +1,25 @@
 """`eval` stage: one model through EleutherAI's lm-evaluation-harness, in process.
 
-    python -m stages.eval --model models/pretrain --eval-sets data/eval --corpus data/corpus \
-        --raw metrics/eval_raw/pretrain --metrics metrics/eval/pretrain.json
+    python -m stages.eval --stage eval_expert@addition --name expert/addition \
+        --model models/experts/addition --eval-sets data/eval --corpus data/corpus \
+        --raw metrics/eval_raw/expert/addition --metrics metrics/eval/expert/addition.json
 
-dvc.yaml runs it once per model (`eval@<model>`). The embedded tasks are generated as lm-eval
-task YAMLs over the local eval sets and saved in the raw folder next to lm-eval's full results
-and per-item samples (those carry dates, so they are not DVC metrics). The metrics file holds
-stable `task/metric` numbers only.
+dvc.yaml runs it once per model; `--name` is the model's id, `<kind>/<name>` (pipeline/kinds.py).
+The embedded tasks are generated as lm-eval task YAMLs over the local eval sets and saved in the
+raw folder next to lm-eval's full results and per-item samples (those carry dates, so they are not
+DVC metrics). Two stable files sit beside them for the report:
+- items.json: `task/metric` -> 0/1 per item in doc_id order, for every binary metric
+  (exact_match, acc, acc_norm) and the pooled `all_skills/...` items: what confidence intervals
+  and paired tests need;
+- lineage.json: a copy of the model folder's lineage.json (its kind, name, the stage that made
+  it, its parents and settings), or `{"kind", "name", "parents": []}` from --name without one.
+The metrics file holds stable `task/metric` numbers only.
 
 Tasks (settings `eval.tasks`):
 - skills: per skill, `<skill>` exact answer (generate_until, exact_match after stripping
-  whitespace) and `<skill>_choice` multiple choice (acc, acc_norm);
+  whitespace) and `<skill>_choice` multiple choice (acc, acc_norm); `all_skills/exact_match` and
+  `all_skills/acc` are the shares over every skill's items pooled (with equally many items per
+  skill, as the data stage writes them, the mean of the per-skill scores);
 - stories: story completion, multiple choice (acc, acc_norm);
 - perplexity: held-out corpus text, loglikelihood_rolling (word_perplexity, bits_per_byte);
 - any other name: that lm-eval task, with its data from `eval.task_data` when given (offline).
@@ -21,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json
+from pipeline.kinds import MODEL_KINDS
 from pipeline.params import EMBEDDED_TASKS, EvalSettings
 from pipeline.stage import configure_environment, start
 
@@ -35,6 +46,8 @@ log = logging.getLogger("stages.eval")
 # Metrics kept in metrics/eval/<model>.json, per output type; lm-eval reports each with a filter
 # suffix (",none" or ",strip").
 KEPT_METRICS = ("exact_match", "acc", "acc_norm", "word_perplexity", "bits_per_byte")
+# Scored 0 or 1 per item: items.json keeps each item's outcome for intervals and paired tests.
+BINARY_METRICS = ("exact_match", "acc", "acc_norm")
 CHOICE_METRICS = [
     {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
     {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
@@ -174,23 +187,71 @@ def stable_metrics(results: dict[str, Any], task_names: dict[str, str]) -> dict[
     return dict(sorted(metrics.items()))
 
 
-def skill_means(metrics: dict[str, float], skills: list[str]) -> dict[str, float]:
-    """all_skills/<metric>: the mean over the embedded skills, one number to rank models by."""
-    means = {}
+def item_outcomes(samples: dict[str, list[dict[str, Any]]], task_names: dict[str, str]) -> dict[str, list[int]]:
+    """`task/metric` -> 0/1 per item in doc_id order, from lm-eval's logged samples.
+
+    A task scored under several filters (gsm8k's strict and flexible answers) logs each item
+    once per filter; its items are left out, as one `task/metric` key cannot say which is meant.
+    """
+    items = {}
+    for task, rows in samples.items():
+        if len({row["filter"] for row in rows}) > 1:
+            continue
+        for metric in BINARY_METRICS:
+            outcomes = {row["doc_id"]: row[metric] for row in rows if metric in row["metrics"]}
+            if outcomes and all(value in (0, 1) for value in outcomes.values()):
+                items[f"{task_names.get(task, task)}/{metric}"] = [int(outcomes[i]) for i in sorted(outcomes)]
+    return items
+
+
+def pooled_skill_items(items: dict[str, list[int]], skills: list[str]) -> dict[str, list[int]]:
+    """all_skills/<metric>: every skill's items concatenated in skill order, one pool to rank models by."""
+    pooled = {}
     for metric, key in (("exact_match", "{}/exact_match"), ("acc", "{}_choice/acc")):
-        values = [metrics[key.format(skill)] for skill in skills if key.format(skill) in metrics]
-        if values and len(values) == len(skills):
-            means[f"all_skills/{metric}"] = round(sum(values) / len(values), 4)
-    return means
+        keys = [key.format(skill) for skill in skills]
+        if skills and all(k in items for k in keys):
+            pooled[f"all_skills/{metric}"] = [outcome for k in keys for outcome in items[k]]
+    return pooled
 
 
-def run(settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Path, raw_dir: Path) -> dict[str, float]:
-    """Evaluate the model; write task YAMLs, raw results and samples to raw_dir; return metrics."""
+def items_json(items: dict[str, list[int]]) -> str:
+    """Compact and stable: one line per key, sorted, no spaces inside the lists."""
+    lines = [f"{json.dumps(key)}: {json.dumps(items[key], separators=(',', ':'))}" for key in sorted(items)]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def write_lineage(model_dir: Path, model_id: str, path: Path) -> None:
+    """Copy the model folder's lineage.json to `path`; without one (a base model from outside),
+    write kind and name from the id. A lineage of another id is an error: the wrong folder."""
+    source = model_dir / "lineage.json"
+    if not source.is_file():
+        kind, _, name = model_id.partition("/")
+        path.write_text(dumps_json({"kind": kind, "name": name, "parents": []}))
+        return
+    lineage = json.loads(source.read_text())
+    if f"{lineage.get('kind')}/{lineage.get('name')}" != model_id:
+        raise SystemExit(f"error: --name is {model_id} but {source} names {lineage.get('kind')}/{lineage.get('name')}")
+    shutil.copyfile(source, path)
+
+
+def check_model_id(model_id: str) -> None:
+    kind, _, name = model_id.partition("/")
+    if kind not in MODEL_KINDS or not name:
+        raise SystemExit(f"error: --name {model_id!r} must be <kind>/<name> with a kind of {', '.join(MODEL_KINDS)}")
+
+
+def run(
+    settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Path, raw_dir: Path, *, model_id: str
+) -> dict[str, float]:
+    """Evaluate the model `model_id` (`<kind>/<name>`); write task YAMLs, raw results, samples, items
+    and lineage to raw_dir; return the metrics."""
+    check_model_id(model_id)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     with atomic_dir(raw_dir) as tmp:
+        write_lineage(model_dir, model_id, tmp / "lineage.json")
         tasks_dir = tmp / "tasks"
         tasks_dir.mkdir()
         configs = embedded_task_configs(settings, eval_dir, corpus_dir)
@@ -244,9 +305,12 @@ def run(settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Pat
             for task, rows in sorted(samples.items()):
                 for row in rows:
                     handle.write(json.dumps({"task": task, **row}, default=str) + "\n")
+        skills = [c["task"] for c in configs if c["output_type"] == "generate_until"]
+        items = item_outcomes(samples, labels)
+        pooled = pooled_skill_items(items, skills)
+        (tmp / "items.json").write_text(items_json({**items, **pooled}))
     metrics = stable_metrics(output["results"], labels)
-    skills = [c["task"] for c in configs if c["output_type"] == "generate_until"]
-    metrics.update(skill_means(metrics, skills))
+    metrics.update({key: round(sum(outcomes) / len(outcomes), 4) for key, outcomes in pooled.items()})
     log.info("metrics: %s", dumps_json(metrics))
     return metrics
 
@@ -254,17 +318,19 @@ def run(settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Pat
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True, help="this stage's name in dvc.yaml (e.g. eval@pretrain)")
-    parser.add_argument("--name", required=True, help="the model's name in the metrics and the report")
+    parser.add_argument("--name", required=True, help="the model's id, <kind>/<name> (e.g. expert/addition)")
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face model folder to evaluate")
     parser.add_argument("--eval-sets", type=Path, required=True, help="folder of the embedded eval sets")
     parser.add_argument("--corpus", type=Path, required=True, help="corpus folder (test.jsonl: held-out text)")
-    parser.add_argument("--raw", type=Path, required=True, help="output folder: task YAMLs, raw results, samples")
+    parser.add_argument("--raw", type=Path, required=True, help="output folder: task YAMLs, raw results, samples, "
+                        "items.json, lineage.json")  # fmt: skip
     parser.add_argument("--metrics", type=Path, required=True, help="stable metrics JSON (a DVC metric)")
     args = parser.parse_args(argv)
     params = start(args.stage)
     configure_environment(hub_access=any(t not in EMBEDDED_TASKS and t not in params.eval.task_data
                                          for t in params.eval.tasks))  # fmt: skip
-    write_json(args.metrics, run(params.eval, args.model, args.eval_sets, args.corpus, args.raw))
+    metrics = run(params.eval, args.model, args.eval_sets, args.corpus, args.raw, model_id=args.name)
+    write_json(args.metrics, metrics)
 
 
 if __name__ == "__main__":

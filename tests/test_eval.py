@@ -18,19 +18,23 @@ def evaluated(tiny_pretrained, tiny_data, tmp_path_factory):
     """(metrics, raw folder) of the eval stage on the tiny pretrained model, 12 items per task."""
     raw = tmp_path_factory.mktemp("eval") / "raw"
     model = tiny_pretrained[1] / "model"
-    metrics = evaluation.run(EvalSettings(limit=12), model, tiny_data / "eval", tiny_data / "corpus", raw)
+    settings = EvalSettings(limit=12)
+    metrics = evaluation.run(settings, model, tiny_data / "eval", tiny_data / "corpus", raw, model_id="base/pretrain")
     return metrics, raw
+
+
+SKILLS = ["addition", "comparison", "counting", "sorting"]
 
 
 def test_metrics_cover_every_embedded_task(evaluated):
     metrics, _ = evaluated
-    skills = ["addition", "comparison", "counting", "sorting"]
-    expected = {f"{s}/exact_match" for s in skills}
-    expected |= {f"{s}_choice/{m}" for s in skills for m in ("acc", "acc_norm")}
+    expected = {f"{s}/exact_match" for s in SKILLS}
+    expected |= {f"{s}_choice/{m}" for s in SKILLS for m in ("acc", "acc_norm")}
     expected |= {"stories/acc", "stories/acc_norm", "perplexity/word_perplexity", "perplexity/bits_per_byte"}
     expected |= {"all_skills/exact_match", "all_skills/acc"}
     assert set(metrics) == expected
-    mean = sum(metrics[f"{s}/exact_match"] for s in skills) / len(skills)
+    # pooled over equally many items per skill: the mean of the per-skill scores
+    mean = sum(metrics[f"{s}/exact_match"] for s in SKILLS) / len(SKILLS)
     assert metrics["all_skills/exact_match"] == pytest.approx(mean, abs=1e-4)
     assert all(0 <= metrics[k] <= 1 for k in metrics if not k.startswith("perplexity/"))
     assert 1 < metrics["perplexity/word_perplexity"] < 1000 and 0 < metrics["perplexity/bits_per_byte"] < 8
@@ -43,6 +47,38 @@ def test_raw_outputs_sit_beside_the_metrics(evaluated):
     assert "addition" in results["results"]
     rows = [json.loads(line) for line in (raw / "samples.jsonl").read_text().splitlines()]
     assert {row["task"] for row in rows} >= {"addition", "stories", "perplexity"}
+    # the tiny model folder has no lineage.json: kind and name come from the id
+    assert json.loads((raw / "lineage.json").read_text()) == {"kind": "base", "name": "pretrain", "parents": []}
+
+
+def test_items_hold_one_outcome_per_item_and_average_to_the_metrics(evaluated):
+    metrics, raw = evaluated
+    text = (raw / "items.json").read_text()
+    items = json.loads(text)
+    assert set(items) == {key for key in metrics if not key.startswith("perplexity/")}  # every binary metric
+    assert len(text.splitlines()) == len(items) + 2  # one line per key
+    for key, outcomes in items.items():
+        assert len(outcomes) == (12 * len(SKILLS) if key.startswith("all_skills/") else 12)  # limit: 12 per task
+        assert set(outcomes) <= {0, 1}
+        assert sum(outcomes) / len(outcomes) == pytest.approx(metrics[key], abs=1e-4), key
+    assert items["all_skills/acc"] == [x for skill in SKILLS for x in items[f"{skill}_choice/acc"]]  # pooled
+
+
+def test_lineage_is_copied_from_the_model_folder(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    lineage = {"kind": "moe_trained", "name": "full", "stage": "mixture_finetune@full", "parents": ["moe/experts"]}
+    (model / "lineage.json").write_text(json.dumps(lineage))
+    evaluation.write_lineage(model, "moe_trained/full", tmp_path / "copy.json")
+    assert (tmp_path / "copy.json").read_text() == (model / "lineage.json").read_text()
+    with pytest.raises(SystemExit, match="--name is moe/full but .* names moe_trained/full"):
+        evaluation.write_lineage(model, "moe/full", tmp_path / "wrong.json")
+
+
+def test_model_id_needs_a_known_kind(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match=r"--name 'pretrain' must be <kind>/<name> with a kind of base, expert"):
+        evaluation.run(EvalSettings(), tmp_path, tiny_data / "eval", tiny_data / "corpus", tmp_path / "raw",
+                       model_id="pretrain")  # fmt: skip
 
 
 def test_exact_match_agrees_with_direct_greedy_generation(tiny_pretrained, tiny_data, tmp_path):
@@ -68,8 +104,10 @@ def test_exact_match_agrees_with_direct_greedy_generation(tiny_pretrained, tiny_
     eval_dir.mkdir()
     (eval_dir / "addition.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     settings = EvalSettings(tasks=["skills"], max_gen_tokens=16)
-    metrics = evaluation.run(settings, model_dir, eval_dir, tiny_data / "corpus", tmp_path / "raw")
+    metrics = evaluation.run(settings, model_dir, eval_dir, tiny_data / "corpus", tmp_path / "raw", model_id="base/m")
     assert metrics["addition/exact_match"] == 0.5
+    items = json.loads((tmp_path / "raw" / "items.json").read_text())
+    assert items["addition/exact_match"] == [1, 0] * 5  # each item's outcome, in the eval set's order
 
 
 def test_standard_task_runs_offline_on_local_data(tiny_pretrained, tiny_data, tmp_path):
@@ -83,7 +121,7 @@ def test_standard_task_runs_offline_on_local_data(tiny_pretrained, tiny_data, tm
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     settings = EvalSettings(tasks=["arc_easy"], task_data={"arc_easy": {"test": str(path)}})
     metrics = evaluation.run(settings, tiny_pretrained[1] / "model", tiny_data / "eval", tiny_data / "corpus",
-                             tmp_path / "raw")  # fmt: skip
+                             tmp_path / "raw", model_id="base/pretrain")  # fmt: skip
     assert set(metrics) == {"arc_easy/acc", "arc_easy/acc_norm"}
     assert "Question: Which number is larger" in (tmp_path / "raw" / "samples.jsonl").read_text()
 
@@ -91,7 +129,7 @@ def test_standard_task_runs_offline_on_local_data(tiny_pretrained, tiny_data, tm
 def test_unknown_task_is_a_clear_error(tiny_pretrained, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match=r"eval.tasks: \['hellaswagg'\] are not lm-eval tasks"):
         evaluation.run(EvalSettings(tasks=["hellaswagg"]), tiny_pretrained[1] / "model", tiny_data / "eval",
-                       tiny_data / "corpus", tmp_path / "raw")  # fmt: skip
+                       tiny_data / "corpus", tmp_path / "raw", model_id="base/pretrain")  # fmt: skip
     assert not (tmp_path / "raw").exists()
 
 
