@@ -1,17 +1,34 @@
-"""`report` stage: every model's eval metrics and lineage in one place people want to read.
+"""`report` stage: every model's scores, with their uncertainty, and the comparisons that matter.
 
-    python -m stages.report --eval-metrics metrics/eval --curves pretrain=metrics/pretrain \
-        --lock dvc.lock --out metrics/report
+    python -m stages.report --eval-metrics metrics/eval --eval-raw metrics/eval_raw \
+        --selection metrics/select.json \
+        --curves pretrain=metrics/pretrain finetune=metrics/finetune mixture=metrics/mixture_finetune \
+        --routing metrics/routing --out metrics/report --headline metrics/headline.json
 
-Inputs: metrics/eval/<model>.json (eval stage), dvclive folders of the training stages, and
-dvc.lock for lineage (which stage made each model, from what, with which settings).
+Inputs: metrics/eval/<kind>/<name>.json (each model's metrics; the folder is its kind, one of
+pipeline/kinds.py's MODEL_KINDS) and, from the same eval stage, metrics/eval_raw/<kind>/<name>/
+items.json (0/1 per item for every binary metric) and lineage.json (which stage made the model,
+from which parents, with which settings); the select stage's JSON; the training stages' dvclive
+folders; the MoE stages' routing JSONs.
+
+Every exact-match or accuracy score is shown with its Wilson 95% confidence interval over its
+items. The pairs that answer the research question (each trained MoE against the best dense
+model trained on the same mixture, and against the untrained MoE it started from; the best
+merge against the best expert) get McNemar's exact test on the pooled skill items, Holm-adjusted
+over the pairs, and one generated sentence each (the findings).
+
 Outputs in --out:
-- leaderboard.md: model x task/metric, the best of each column in bold;
-- skill_matrix.png: models x skills heatmap of exact-answer accuracy;
-- curves.png: training and validation loss of every training stage;
+- leaderboard.md: findings; models (rows, by kind) x the main metrics, the best of each column in
+  bold; the paired tests; every task/metric;
+- skill_matrix.png: models (rows, by kind) x skills, exact-answer accuracy, all skills pooled apart;
+- curves.png: training and validation loss, one panel per training run;
+- routing.png: tokens routed to each expert of each MoE (when routing JSONs exist);
 - index.html: all of the above in one self-contained page (images inlined, no CDN, no script
-  from outside), with each model's settings and parents;
-- cards/<model>.md: a model card with the model's eval results and lineage.
+  from outside), with each model's lineage;
+- cards/<kind>/<name>.md: a model card with the model's eval results and lineage.
+--headline: a flat JSON of a few numbers (best pooled exact match of each kind with its interval;
+each trained MoE's difference and adjusted p against the dense model and its untrained MoE), a
+DVC metric whose keys stay short for `dvc exp show`.
 """
 
 from __future__ import annotations
@@ -22,61 +39,299 @@ import html
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
-
-from pipeline.atomic import atomic_path, write_text
+from pipeline.atomic import atomic_path, write_json, write_text
+from pipeline.kinds import MODEL_KINDS
 from pipeline.stage import start
+from pipeline.stats import discordant_counts, holm, mcnemar_exact, proportion
 
 log = logging.getLogger("stages.report")
 
 LOWER_IS_BETTER = ("word_perplexity", "bits_per_byte", "byte_perplexity", "loss")
+POOLED = "all_skills/exact_match"  # every skill's exact-match items, concatenated: what models are ranked by
+ALPHA = 0.05  # family-wise significance level of the paired tests
+PAIR_COLUMNS = ["A", "B", "score A [95% CI]", "score B [95% CI]", "difference", "A only / B only right",
+                "p", "Holm-adjusted p", "verdict"]  # fmt: skip
+NO_PAIRS = (
+    "No comparisons yet: they need a trained MoE and a dense model or its untrained MoE, or a merge and "
+    "an expert, each with the pooled skill items."
+)
 
 
-GROUPS = ("base", "experts", "merges", "MoE", "trained MoE")
+@dataclass(frozen=True)
+class Model:
+    """One evaluated model: its id (`<kind>/<name>`), metrics, per-item outcomes and lineage."""
+
+    id: str
+    metrics: dict[str, float]
+    items: dict[str, list[int]]
+    lineage: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.id.partition("/")[0]
+
+    @property
+    def name(self) -> str:
+        return self.id.partition("/")[2]
 
 
-def model_group(name: str) -> str:
-    if name == "pretrain":
-        return "base"
-    if name.startswith("merge/"):
-        return "merges"
-    if name == "moe":
-        return "MoE"
-    return "trained MoE" if name.startswith("moe_") else "experts"
+@dataclass(frozen=True)
+class Score:
+    """A metric's value and, for a share of items right, its Wilson 95% interval."""
+
+    value: float
+    low: float | None = None
+    high: float | None = None
+
+    @classmethod
+    def of(cls, outcomes: list[int]) -> Score:
+        return cls(*proportion(outcomes))
+
+    def text(self, digits: int = 3) -> str:
+        """`0.915 [0.87, 0.95]`, or the value alone when there is no interval."""
+        if self.low is None:
+            return f"{self.value:.4g}"
+        return f"{self.value:.{digits}f} [{self.low:.2f}, {self.high:.2f}]"
 
 
-def model_order(name: str) -> tuple[int, str]:
-    """Columns read base first, then experts, merges, the MoE and the trained MoEs."""
-    return GROUPS.index(model_group(name)), name
+@dataclass(frozen=True)
+class Pair:
+    """A comparison the research question asks for: is A better than B on the skills?"""
+
+    key: str  # short and stable: the headline's keys
+    question: str
+    a: str
+    b: str
+    in_headline: bool
 
 
-def comparison_rows(table: dict[str, dict[str, float]], metric: str = "all_skills/exact_match") -> list[list[str]]:
-    """[group, its best model, its score] per group: does the MoE beat what it was built from?"""
-    rows = []
-    for group in GROUPS:
-        scored = {name: row[metric] for name, row in table.items() if model_group(name) == group and metric in row}
-        if scored:
-            best = max(scored, key=lambda name: (scored[name], name))
-            rows.append([group, best, f"{scored[best]:.4g}"])
-    return rows
+@dataclass(frozen=True)
+class PairedTest:
+    pair: Pair
+    score_a: Score
+    score_b: Score
+    only_a: int  # items A answers right and B wrong
+    only_b: int
+    items: int
+    p: float
+    p_adjusted: float
+
+    @property
+    def significant(self) -> bool:
+        return self.p_adjusted < ALPHA
 
 
-def comparison_markdown(table: dict[str, dict[str, float]], metric: str = "all_skills/exact_match") -> str:
-    rows = comparison_rows(table, metric)
-    if not rows:
-        return ""
-    lines = [f"## Best of each kind by `{metric}`", "", "| kind | best model | score |", "| --- | --- | ---: |"]
-    lines += [f"| {group} | {model} | {score} |" for group, model, score in rows]
-    return "\n".join(lines) + "\n"
+def model_order(model_id: str) -> tuple[int, str]:
+    """Kinds in MODEL_KINDS order (-1: not a kind), names alphabetically within a kind."""
+    kind, _, name = model_id.partition("/")
+    return MODEL_KINDS.index(kind) if kind in MODEL_KINDS else -1, name
 
 
-def load_eval_metrics(folder: Path) -> dict[str, dict[str, float]]:
-    """Model name (the file's path below `folder`, e.g. pretrain or merge/ties) -> its metrics."""
-    names = {path.relative_to(folder).with_suffix("").as_posix(): path for path in folder.rglob("*.json")}
-    return {name: json.loads(names[name].read_text()) for name in sorted(names, key=model_order)}
+def read_json(path: Path, hint: str) -> Any:
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing: {hint}")
+    return json.loads(path.read_text())
+
+
+def load_models(eval_dir: Path, raw_dir: Path) -> dict[str, Model]:
+    """Model id -> Model, from metrics/eval/<kind>/<name>.json and eval_raw/<kind>/<name>/, in report order."""
+    paths = {path.relative_to(eval_dir).with_suffix("").as_posix(): path for path in eval_dir.rglob("*.json")}
+    strays = sorted(model_id for model_id in paths if "/" not in model_id or model_order(model_id)[0] < 0)
+    if strays:
+        raise SystemExit(
+            f"error: {eval_dir} holds metrics outside the kind folders ({', '.join(MODEL_KINDS)}): {strays}; "
+            "remove them (left over from an older layout?)"
+        )
+    models = {}
+    for model_id in sorted(paths, key=model_order):
+        hint = f"rerun the eval stage of {model_id}"
+        items = read_json(raw_dir / model_id / "items.json", hint)
+        lineage = read_json(raw_dir / model_id / "lineage.json", hint)
+        models[model_id] = Model(model_id, json.loads(paths[model_id].read_text()), items, lineage)
+    return models
+
+
+def score(model: Model, metric: str) -> Score | None:
+    if metric not in model.metrics:
+        return None
+    if not model.items.get(metric):
+        return Score(model.metrics[metric])
+    _, low, high = proportion(model.items[metric])
+    return Score(model.metrics[metric], low, high)
+
+
+def skill_names(models: dict[str, Model]) -> list[str]:
+    metrics = {metric for model in models.values() for metric in model.metrics}
+    return sorted(m.split("/")[0] for m in metrics if m.endswith("/exact_match") and m != POOLED)
+
+
+def metric_names(models: dict[str, Model]) -> list[str]:
+    return sorted({metric for model in models.values() for metric in model.metrics})
+
+
+def leaderboard_columns(models: dict[str, Model]) -> list[str]:
+    """The leaderboard's columns: each skill's exact match, all skills pooled, stories, perplexity."""
+    wanted = [f"{skill}/exact_match" for skill in skill_names(models)]
+    wanted += [POOLED, "stories/acc", "perplexity/word_perplexity"]
+    return [metric for metric in wanted if metric in metric_names(models)]
+
+
+def best_values(models: dict[str, Model], metrics: list[str]) -> dict[str, float]:
+    """metric -> best value, for the metrics more than one model has (lowest for perplexity)."""
+    best = {}
+    for metric in metrics:
+        values = [model.metrics[metric] for model in models.values() if metric in model.metrics]
+        if len(values) > 1:
+            best[metric] = min(values) if metric.endswith(LOWER_IS_BETTER) else max(values)
+    return best
+
+
+def table_cells(models: dict[str, Model], metrics: list[str]) -> dict[str, list[tuple[Score | None, bool]]]:
+    """model id -> (score, is the column's best) per metric."""
+    best = best_values(models, metrics)
+    return {
+        model_id: [(score(model, m), m in best and model.metrics.get(m) == best[m]) for m in metrics]
+        for model_id, model in models.items()
+    }
+
+
+def best_of(models: dict[str, Model], kind: str) -> str | None:
+    """The model of `kind` with the highest pooled skill exact match; ties go to the first name."""
+    scored = [model for model in models.values() if model.kind == kind and model.items.get(POOLED)]
+    if not scored:
+        return None
+    return min(scored, key=lambda model: (-Score.of(model.items[POOLED]).value, model.name)).id
+
+
+def untrained_parent(model: Model, models: dict[str, Model]) -> str | None:
+    """The `moe/...` model a trained MoE started from, as its lineage names it (when evaluated)."""
+    parents = [parent for parent in model.lineage.get("parents", []) if parent.partition("/")[0] == "moe"]
+    return next((parent for parent in parents if parent in models and models[parent].items.get(POOLED)), None)
+
+
+def research_pairs(models: dict[str, Model]) -> list[Pair]:
+    """The comparisons that answer the research question, each when both sides were evaluated."""
+    trained = [model for model in models.values() if model.kind == "moe_trained" and model.items.get(POOLED)]
+    dense, merge, expert = best_of(models, "dense"), best_of(models, "merge"), best_of(models, "expert")
+    pairs = []
+    if dense:
+        question = "Trained MoE vs the best dense model trained on the same mixture"
+        pairs += [Pair(f"vs_dense/{model.name}", question, model.id, dense, True) for model in trained]
+    if merge and expert:
+        pairs.append(Pair("merge_vs_expert", "Best merge vs best expert", merge, expert, False))
+    for model in trained:
+        parent = untrained_parent(model, models)
+        if parent:
+            question = "Trained MoE vs the untrained MoE it started from"
+            pairs.append(Pair(f"vs_untrained/{model.name}", question, model.id, parent, True))
+    return pairs
+
+
+def paired_tests(models: dict[str, Model], pairs: list[Pair]) -> list[PairedTest]:
+    """McNemar's exact test on the pooled skill items of each pair, Holm-adjusted over all pairs."""
+    outcomes = {}
+    for pair in pairs:
+        a, b = models[pair.a].items[POOLED], models[pair.b].items[POOLED]
+        if len(a) != len(b):
+            raise SystemExit(
+                f"error: {pair.a} and {pair.b} were scored on different skill items ({len(a)} vs {len(b)}): "
+                "evaluate every model with the same eval settings"
+            )
+        outcomes[pair.key] = (a, b)
+    p_values = {key: mcnemar_exact(a, b) for key, (a, b) in outcomes.items()}
+    adjusted = holm(p_values)
+    tests = []
+    for pair in pairs:
+        a, b = outcomes[pair.key]
+        only_a, only_b = discordant_counts(a, b)
+        tests.append(
+            PairedTest(pair, Score.of(a), Score.of(b), only_a, only_b, len(a), p_values[pair.key], adjusted[pair.key])
+        )
+    return tests
+
+
+def format_p(p: float) -> str:
+    """0.62, 0.038, or 1.2e-6 below 0.001."""
+    if p >= 0.001:
+        return f"{p:.2g}"
+    mantissa, exponent = f"{p:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def verdict(test: PairedTest) -> str:
+    if not test.significant:
+        return "no significant difference"
+    return "A higher" if test.score_a.value > test.score_b.value else "B higher"
+
+
+def finding(test: PairedTest) -> str:
+    """One sentence (Markdown) that says what the numbers of one paired test say."""
+    a, b, sa, sb = test.pair.a, test.pair.b, test.score_a, test.score_b
+    if not test.significant:
+        sentence = (
+            f"No significant difference between `{a}` and `{b}` "
+            f"({sa.value:.2f} vs {sb.value:.2f}; adjusted p = {format_p(test.p_adjusted)})"
+        )
+    else:
+        (winner, high), (loser, low) = sorted([(a, sa), (b, sb)], key=lambda side: -side[1].value)
+        sentence = (
+            f"`{winner}` scores higher than `{loser}` on the skills ({high.text(2)} vs {low.text(2)}; "
+            f"McNemar p = {format_p(test.p_adjusted)}, Holm-adjusted)"
+        )
+    return f"{test.pair.question}: {sentence}."
+
+
+def tests_description(tests: list[PairedTest]) -> str:
+    sizes = sorted({test.items for test in tests})
+    items = f"{sizes[0]} paired skill items" if len(sizes) == 1 else "paired skill items"
+    return (
+        f"McNemar's exact test on the {items} (every skill's exact-match items, the same items for both "
+        f"models); p-values Holm-adjusted over the {len(tests)} comparisons, significant below {ALPHA}."
+    )
+
+
+def pair_row(test: PairedTest) -> list[str]:
+    """A, B, score A, score B, difference, discordant counts, p, adjusted p, verdict (Markdown)."""
+    return [
+        f"`{test.pair.a}`",
+        f"`{test.pair.b}`",
+        test.score_a.text(),
+        test.score_b.text(),
+        f"{test.score_a.value - test.score_b.value:+.3f}",
+        f"{test.only_a} / {test.only_b}",
+        format_p(test.p),
+        format_p(test.p_adjusted),
+        verdict(test),
+    ]
+
+
+def headline(models: dict[str, Model], tests: list[PairedTest]) -> dict[str, float]:
+    """The few numbers `dvc exp show` should show: best pooled exact match per kind, the MoE's gains."""
+    numbers = {}
+    for kind in MODEL_KINDS:
+        best = best_of(models, kind)
+        if best:
+            share, low, high = proportion(models[best].items[POOLED])
+            numbers.update({f"{kind}/best_em": share, f"{kind}/best_em_low": low, f"{kind}/best_em_high": high})
+    for test in tests:
+        if test.pair.in_headline:
+            numbers[f"{test.pair.key}/diff"] = test.score_a.value - test.score_b.value
+            numbers[f"{test.pair.key}/p_adj"] = test.p_adjusted
+    return {key: round(value, 4) for key, value in sorted(numbers.items())}
+
+
+def intro(models: dict[str, Model]) -> str:
+    kinds = [kind for kind in MODEL_KINDS if any(model.kind == kind for model in models.values())]
+    return (
+        f"{len(models)} models of {len(kinds)} kinds ({', '.join(kinds)}) evaluated with lm-evaluation-harness "
+        "on held-out skill questions, story endings and text. Every share of items answered right is shown "
+        "with its 95% Wilson confidence interval in brackets (perplexity has none: it is not a share); the "
+        "findings come from paired tests on the same items, and follow the numbers below."
+    )
 
 
 def selection_text(selection: dict[str, Any] | None) -> str:
@@ -89,76 +344,110 @@ def selection_text(selection: dict[str, Any] | None) -> str:
     return f"Merges selected for the mixture of experts by `{selection['metric']}`: {chosen}{missing}."
 
 
-def metric_names(table: dict[str, dict[str, float]]) -> list[str]:
-    return sorted({metric for row in table.values() for metric in row})
+def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """A Markdown table; the first `left` columns align left, the rest right."""
+    align = ["---"] * left + ["---:"] * (len(header) - left)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def best_per_metric(table: dict[str, dict[str, float]]) -> dict[str, float]:
-    best = {}
-    for metric in metric_names(table):
-        values = [row[metric] for row in table.values() if metric in row]
-        best[metric] = min(values) if metric.endswith(LOWER_IS_BETTER) else max(values)
-    return best
-
-
-def leaderboard_rows(table: dict[str, dict[str, float]]) -> list[tuple[str, list[tuple[str, bool]]]]:
-    """(metric, [(cell text, is best)] per model): one row per task/metric, one column per model."""
-    best = best_per_metric(table)
+def markdown_scores(models: dict[str, Model], metrics: list[str]) -> str:
+    """Models as rows (kind, name), metrics as columns, the best of each column in bold."""
     rows = []
-    for metric in metric_names(table):
-        cells = []
-        for row in table.values():
-            value = row.get(metric)
-            text = "" if value is None else f"{value:.4g}"
-            cells.append((text, value is not None and value == best[metric] and len(table) > 1))
-        rows.append((metric, cells))
-    return rows
+    for model_id, cells in table_cells(models, metrics).items():
+        texts = ["" if s is None else (f"**{s.text()}**" if best else s.text()) for s, best in cells]
+        rows.append([models[model_id].kind, models[model_id].name, *texts])
+    return markdown_table(["kind", "model", *metrics], rows, left=2)
 
 
-def leaderboard_markdown(table: dict[str, dict[str, float]], selection: dict[str, Any] | None = None) -> str:
-    lines = [
-        "# Leaderboard",
-        "",
-        "Each task/metric (rows) for each model (columns); the best of each row is in **bold**",
-        "(lowest for perplexity and bits per byte, highest otherwise).",
-        "",
-        "| task/metric | " + " | ".join(table) + " |",
-        "| --- |" + " ---: |" * len(table),
+def leaderboard_markdown(models: dict[str, Model], tests: list[PairedTest], selection: dict | None) -> str:
+    findings = "\n".join(f"- {finding(test)}" for test in tests) or f"- {NO_PAIRS}"
+    pairs = markdown_table(PAIR_COLUMNS, [pair_row(test) for test in tests], left=2)
+    sections = [
+        f"# Experiment report\n\n{intro(models)}",
+        f"## Findings\n\n{findings}",
+        "## Leaderboard\n\nModels by kind; the best of each column in **bold** (lowest for perplexity, highest "
+        f"otherwise).\n\n{markdown_scores(models, leaderboard_columns(models))}",
+        selection_text(selection),
+        f"## Paired tests\n\n{tests_description(tests)}\n\n{pairs}" if tests else "",
+        f"## Every task/metric\n\n{markdown_scores(models, metric_names(models))}",
     ]
-    for metric, cells in leaderboard_rows(table):
-        lines.append(f"| {metric} | " + " | ".join(f"**{t}**" if best else t for t, best in cells) + " |")
-    if selection:
-        lines += ["", selection_text(selection)]
-    comparison = comparison_markdown(table)
-    return "\n".join(lines) + "\n" + (f"\n{comparison}" if comparison else "")
+    return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def skill_names(table: dict[str, dict[str, float]]) -> list[str]:
-    return sorted({column.split("/")[0] for row in table.values() for column in row if column.endswith("/exact_match")})
+def lineage_sentence(lineage: dict[str, Any]) -> str:
+    """Which stage made the model, from what (Markdown), as its lineage.json says."""
+    if not lineage.get("stage"):
+        return "No lineage recorded: its model folder has no lineage.json."
+    parents = ", ".join(f"`{parent}`" for parent in lineage.get("parents", []))
+    return f"Made by the `{lineage['stage']}` stage" + (f" from {parents}." if parents else ".")
 
 
-def plot_skill_matrix(table: dict[str, dict[str, float]], path: Path) -> None:
+def model_card(model: Model) -> str:
+    rows = [[f"`{metric}`", score(model, metric).text()] for metric in sorted(model.metrics)]
+    settings = json.dumps(model.lineage.get("settings", {}), indent=2, sort_keys=True)
+    return f"""# {model.id}
+
+{lineage_sentence(model.lineage)}
+
+## Evaluation (lm-evaluation-harness)
+
+Shares of items right with their 95% Wilson confidence interval.
+
+{markdown_table(["task/metric", "value [95% CI]"], rows)}
+
+## Settings of the stage that made it
+
+```json
+{settings}
+```
+"""
+
+
+def plot_skill_matrix(models: dict[str, Model], path: Path) -> None:
+    """Models (rows, grouped by kind, kinds labelled on the right) x skills; all skills pooled apart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    skills, models = skill_names(table), list(table)
-    values = np.array([[table[m].get(f"{s}/exact_match", np.nan) for s in skills] for m in models])
-    figure, axes = plt.subplots(figsize=(1.6 + 1.3 * max(1, len(skills)), 1.2 + 0.5 * len(models)))
-    image = axes.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    axes.set_xticks(range(len(skills)), skills)
-    axes.set_yticks(range(len(models)), models)
-    for i in range(len(models)):
-        for j in range(len(skills)):
-            if not np.isnan(values[i, j]):
-                axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center",
-                          color="white" if values[i, j] < 0.5 else "black")  # fmt: skip
-    axes.set_title("Exact-answer accuracy per skill")
-    figure.colorbar(image, ax=axes)
-    figure.tight_layout()
+    skills, ids = skill_names(models), list(models)
+    columns = ([f"{skill}/exact_match" for skill in skills], [POOLED])
+    figure, panels = plt.subplots(
+        1, 2, figsize=(3.5 + 1.2 * (len(skills) + 1), 1.6 + 0.4 * len(ids)), layout="constrained",
+        gridspec_kw={"width_ratios": [max(1, len(skills)), 1]}, squeeze=False,
+    )  # fmt: skip
+    for axes, metrics, title in zip(panels[0], columns, ("per skill", "all skills, pooled"), strict=True):
+        values = np.array([[models[i].metrics.get(m, np.nan) for m in metrics] for i in ids])
+        axes.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        axes.set_xticks(range(len(metrics)), [m.split("/")[0] for m in metrics])
+        axes.set_title(title)
+        annotate(axes, values)
+        for boundary in kind_boundaries(models):
+            axes.axhline(boundary - 0.5, color="white", linewidth=3)
+    panels[0][0].set_yticks(range(len(ids)), [models[i].name for i in ids])
+    kinds = [models[i].kind for i in ids]
+    centers = {kind: np.mean([row for row, k in enumerate(kinds) if k == kind]) for kind in dict.fromkeys(kinds)}
+    panels[0][1].set_yticks(list(centers.values()), list(centers), fontweight="bold")
+    panels[0][1].yaxis.tick_right()
+    figure.suptitle("Exact-answer accuracy on held-out questions (rows: models by kind)")
     save_figure(figure, path)
+
+
+def annotate(axes: Any, values: Any) -> None:
+    """Write each cell's value on a heatmap, dark on bright cells."""
+    import numpy as np
+
+    for (row, column), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            axes.text(column, row, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black")
+
+
+def kind_boundaries(models: dict[str, Model]) -> list[int]:
+    """Row indices where a new kind starts (after the first)."""
+    kinds = [model.kind for model in models.values()]
+    return [row for row in range(1, len(kinds)) if kinds[row] != kinds[row - 1]]
 
 
 def read_curve(live_dir: Path, name: str) -> tuple[list[float], list[float]]:
@@ -182,21 +471,30 @@ def expand_curves(curves: dict[str, Path]) -> dict[str, Path]:
 
 
 def plot_curves(curves: dict[str, Path], path: Path) -> None:
+    """One panel per training run, at most 3 per row, each 5.5 inches wide."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, panels = plt.subplots(1, max(1, len(curves)), figsize=(5.5 * max(1, len(curves)), 3.6), squeeze=False)
-    for axes, (name, live_dir) in zip(panels[0], curves.items(), strict=False):
+    columns = min(3, max(1, len(curves)))
+    rows = max(1, -(-len(curves) // columns))
+    figure, panels = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False)
+    for axes in panels.flat[len(curves) :]:
+        axes.axis("off")
+    for axes, (name, live_dir) in zip(panels.flat, curves.items(), strict=False):
         for metric, style in (("train/loss", "-"), ("val/loss", "o-"), ("eval/loss", "o-")):
             steps, values = read_curve(live_dir, metric)
             if steps:
                 axes.plot(steps, values, style, label=metric, markersize=3)
-        axes.set_title(f"{name}: loss")
-        axes.set_xlabel("step")
-        axes.set_ylabel("nat/token")
+        axes.set_title(name)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("loss (nat/token, log scale)")
         axes.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 2, 3, 4, not 2x10^0
+        axes.yaxis.set_major_formatter(plain)
+        axes.yaxis.set_minor_formatter(plain)
         axes.legend()
         axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -204,32 +502,34 @@ def plot_curves(curves: dict[str, Path], path: Path) -> None:
 
 
 def plot_routing(routing: dict[str, dict[str, Any]], path: Path) -> None:
-    """Per MoE model: share of tokens per expert in each layer (top) and for each skill (bottom)."""
+    """One row per MoE model: share of tokens per expert in each layer (left) and for each skill (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    figure, panels = plt.subplots(2, len(routing), figsize=(4.2 * len(routing), 6.4), squeeze=False)
-    for column, (model, data) in enumerate(routing.items()):
+    figure, panels = plt.subplots(len(routing), 2, figsize=(10, 3.4 * len(routing)), squeeze=False)
+    for row, (model, data) in enumerate(routing.items()):
         skills = sorted(data["skills"])
         shares = np.array([data["skills"][skill] for skill in skills])  # (skills, layers, experts)
-        for row, (values, labels, title) in enumerate(
-            ((shares.mean(axis=0), [f"layer {i}" for i in range(shares.shape[1])], "per layer"),
-             (shares.mean(axis=1), skills, "per skill"))
-        ):  # fmt: skip
-            axes = panels[row][column]
+        for axes, (values, labels, title) in zip(panels[row], (
+            (shares.mean(axis=0), [f"layer {i}" for i in range(shares.shape[1])], "per layer"),
+            (shares.mean(axis=1), skills, "per skill"),
+        ), strict=True):  # fmt: skip
             axes.imshow(values, vmin=0, vmax=1, cmap="magma", aspect="auto")
             axes.set_xticks(range(len(data["experts"])), data["experts"], rotation=30, ha="right")
             axes.set_yticks(range(len(labels)), labels)
-            for i in range(values.shape[0]):
-                for j in range(values.shape[1]):
-                    axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center",
-                              color="white" if values[i, j] < 0.5 else "black")  # fmt: skip
+            annotate(axes, values)
             axes.set_title(f"{model}: tokens routed, {title}")
     figure.tight_layout()
     save_figure(figure, path)
+
+
+def load_routing(folder: Path) -> dict[str, dict[str, Any]]:
+    """MoE model (the JSON's path below `folder`, no suffix) -> its routing shares."""
+    paths = sorted(folder.rglob("*.json"))
+    return {path.relative_to(folder).with_suffix("").as_posix(): json.loads(path.read_text()) for path in paths}
 
 
 def save_figure(figure: Any, path: Path) -> None:
@@ -241,48 +541,21 @@ def save_figure(figure: Any, path: Path) -> None:
     plt.close(figure)
 
 
-def lock_stages(lock_path: Path) -> dict[str, dict[str, Any]]:
-    """Stage name -> its entry in dvc.lock (what actually ran); empty before the first run."""
-    if not lock_path.is_file():
-        return {}
-    return (YAML(typ="safe").load(lock_path.read_text()) or {}).get("stages") or {}
+CAPTIONS = {
+    "skill_matrix": "Share of each skill's held-out questions that each model answers exactly (rows: models, "
+    "grouped by kind, kinds named on the right; columns: skills, with all skills' items pooled in the separate "
+    "column). Brighter is better; each cell gives the share.",
+    "curves": "Training loss (line) and validation loss (dots) in nat/token against the optimizer step, one "
+    "panel per training run (pretraining, each expert, each run on the mixture); log scale, lower is better.",
+    "routing": "Share of each skill's question tokens that each MoE model's routers send to each expert, per "
+    "layer (left) and per skill over all layers (right). Even rows mean no specialisation; a bright cell is "
+    "an expert that those tokens prefer.",
+}
 
 
-def lineage(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Output path -> {stage, command, parents, params} of the stage that made it."""
-    produced: dict[str, dict[str, Any]] = {}
-    for stage, entry in stages.items():
-        info = {
-            "stage": stage,
-            "command": entry.get("cmd", ""),
-            "parents": [dep["path"] for dep in entry.get("deps", []) if not dep["path"].endswith(".py")],
-            "params": entry.get("params", {}).get("params.yaml", {}),
-        }
-        for out in entry.get("outs", []):
-            produced[out["path"]] = info
-    return produced
-
-
-def model_card(name: str, path: str, metrics: dict[str, float], info: dict[str, Any]) -> str:
-    rows = "\n".join(f"| `{metric}` | {value:.4g} |" for metric, value in sorted(metrics.items()))
-    parents = ", ".join(f"`{parent}`" for parent in info.get("parents", [])) or "(unknown)"
-    settings = json.dumps(info.get("params", {}), indent=2, sort_keys=True)
-    return f"""# {name}
-
-Model folder `{path}`, made by the `{info.get("stage", "?")}` stage from {parents}.
-
-## Evaluation (lm-evaluation-harness)
-
-| task/metric | value |
-| --- | --- |
-{rows}
-
-## Settings of the stage that made it
-
-```json
-{settings}
-```
-"""
+def inline_code(text: str) -> str:
+    """Markdown's `code` as HTML, the rest escaped: the findings and lineage are written once."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
 
 
 def image_tag(path: Path, alt: str) -> str:
@@ -294,110 +567,135 @@ def image_tag(path: Path, alt: str) -> str:
     )
 
 
-def html_report(
-    table: dict[str, dict[str, float]],
-    models: dict[str, str],
-    lineages: dict[str, dict[str, Any]],
-    images: list[Path],
-    selection: dict[str, Any] | None = None,
-) -> str:
-    head = "".join(f"<th>{html.escape(model)}</th>" for model in table)
-    body = []
-    for metric, cells in leaderboard_rows(table):
-        tds = "".join(f"<td class='best'>{text}</td>" if best else f"<td>{text}</td>" for text, best in cells)
-        body.append(f"<tr><th>{html.escape(metric)}</th>{tds}</tr>")
-    cards = []
-    for model, path in models.items():
-        info = lineages.get(path, {})
-        params = html.escape(json.dumps(info.get("params", {}), indent=2, sort_keys=True))
-        parents = ", ".join(f"<code>{html.escape(p)}</code>" for p in info.get("parents", [])) or "(unknown)"
-        stage = html.escape(info.get("stage", "?"))
-        cards.append(
-            f"<section class='model'><h3>{html.escape(model)}</h3>"
-            f"<p>Folder <code>{html.escape(path)}</code>, made by stage <code>{stage}</code> "
-            f"from {parents}.</p><details><summary>Settings</summary><pre>{params}</pre></details></section>"
+def html_cell(cell: tuple[Score | None, bool]) -> str:
+    score_, best = cell
+    if score_ is None:
+        return "<td></td>"
+    text = f"{score_.value:.4g}" if score_.low is None else f"{score_.value:.3f}"
+    interval = "" if score_.low is None else f" <span class='ci'>[{score_.low:.2f}, {score_.high:.2f}]</span>"
+    return f"<td{' class=best' if best else ''}>{text}{interval}</td>"
+
+
+def html_scores(models: dict[str, Model], metrics: list[str], table_id: str) -> str:
+    """Models as rows under a header row per kind; `task<br>metric` column heads keep columns narrow."""
+    heads = "".join(f"<th>{'<br>'.join(html.escape(part) for part in m.split('/', 1))}</th>" for m in metrics)
+    body, kind = [], None
+    for model_id, cells in table_cells(models, metrics).items():
+        if models[model_id].kind != kind:
+            kind = models[model_id].kind
+            body.append(f"<tr class='kind'><th colspan='{len(metrics) + 1}'>{html.escape(kind)}</th></tr>")
+        tds = "".join(html_cell(cell) for cell in cells)
+        body.append(f"<tr data-model='{html.escape(model_id)}'><th>{html.escape(models[model_id].name)}</th>{tds}</tr>")
+    return (
+        f"<div class='scroll'><table id='{table_id}'><thead><tr><th>model</th>{heads}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def html_pair_cell(text: str) -> str:
+    """A cell of the paired tests' Markdown row as HTML, its interval set in small grey type."""
+    return re.sub(r" (\[.*\])", r" <span class='ci'>\1</span>", inline_code(text))
+
+
+def html_pairs(tests: list[PairedTest]) -> str:
+    if not tests:
+        return ""
+    heads = "".join(f"<th>{html.escape(column)}</th>" for column in PAIR_COLUMNS)
+    rows = "".join("<tr>" + "".join(f"<td>{html_pair_cell(c)}</td>" for c in pair_row(t)) + "</tr>" for t in tests)
+    return (
+        f"<h2>Paired tests</h2><p>{inline_code(tests_description(tests))}</p>"
+        f"<div class='scroll'><table id='pairs'><thead><tr>{heads}</tr></thead><tbody>{rows}</tbody></table></div>"
+    )
+
+
+def html_models(models: dict[str, Model]) -> str:
+    sections = []
+    for model in models.values():
+        settings = html.escape(json.dumps(model.lineage.get("settings", {}), indent=2, sort_keys=True))
+        sections.append(
+            f"<section class='model'><h3>{html.escape(model.id)}</h3><p>{inline_code(lineage_sentence(model.lineage))}"
+            f"</p><details><summary>Settings</summary><pre>{settings}</pre></details></section>"
         )
+    return "".join(sections)
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 76rem; padding: 0 1rem;
+       color: #222; line-height: 1.45; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.88rem; margin: 0.5rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.45rem; text-align: right; }
+thead th { background: #f4f4f4; text-align: center; font-weight: 600; }
+tbody th { text-align: left; font-weight: normal; font-family: monospace; }
+tr.kind th { background: #e9edf7; font-family: system-ui, sans-serif; font-weight: 600; }
+#pairs td { white-space: nowrap; } #pairs td:nth-child(-n+2), #pairs td:last-child { text-align: left; }
+td.best { font-weight: bold; background: #e6f4e6; }
+.ci { color: #666; font-size: 0.85em; font-weight: normal; white-space: nowrap; }
+figure { margin: 1.5rem 0; } img { display: block; width: 100%; height: auto; }
+figcaption { color: #444; margin-top: 0.4rem; }
+pre { background: #f8f8f8; padding: 0.5rem; overflow-x: auto; }
+"""
+
+
+def html_report(
+    models: dict[str, Model], tests: list[PairedTest], images: list[Path], selection: dict[str, Any] | None
+) -> str:
+    findings = "".join(f"<li>{inline_code(finding(test))}</li>" for test in tests) or f"<li>{NO_PAIRS}</li>"
     figures = "".join(
-        f"<figure>{image_tag(p, p.stem)}<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in images
+        f"<figure>{image_tag(p, CAPTIONS[p.stem])}<figcaption>{html.escape(CAPTIONS[p.stem])}</figcaption></figure>"
+        for p in images
     )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Experiment report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }}
-table {{ border-collapse: collapse; font-size: 0.9rem; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.5rem; text-align: right; }}
-tbody th {{ text-align: left; font-weight: normal; font-family: monospace; }}
-th {{ background: #f4f4f4; }} td.best {{ font-weight: bold; background: #e6f4e6; }}
-figure {{ display: inline-block; margin: 1rem; }} img {{ max-width: 100%; }}
-pre {{ background: #f8f8f8; padding: 0.5rem; overflow-x: auto; }}
-</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>Experiment report</title><style>{STYLE}</style></head><body>
 <h1>Experiment report</h1>
+<p id="intro">{html.escape(intro(models))}</p>
+<h2>Findings</h2><ul id="findings">{findings}</ul>
 <h2>Leaderboard</h2>
-<p>Best of each row in bold (lowest for perplexity and bits per byte, highest otherwise).</p>
-<table id="leaderboard"><thead><tr><th>task/metric</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
-<p id="selection">{html.escape(selection_text(selection))}</p>
-{comparison_html(table)}
+<p>Models by kind; the best of each column in bold (lowest for perplexity, highest otherwise).</p>
+{html_scores(models, leaderboard_columns(models), "leaderboard")}
+<p id="selection">{inline_code(selection_text(selection))}</p>
+<details><summary>Every task/metric</summary>{html_scores(models, metric_names(models), "all-metrics")}</details>
+{html_pairs(tests)}
 <h2>Plots</h2>{figures}
-<h2>Models</h2>{"".join(cards)}
+<h2>Models</h2>{html_models(models)}
 </body></html>
 """
 
 
-def comparison_html(table: dict[str, dict[str, float]], metric: str = "all_skills/exact_match") -> str:
-    rows = comparison_rows(table, metric)
-    if not rows:
-        return ""
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
-    return (
-        f"<h2>Best of each kind by <code>{html.escape(metric)}</code></h2><table id='comparison'>"
-        f"<thead><tr><th>kind</th><th>best model</th><th>score</th></tr></thead><tbody>{body}</tbody></table>"
-    )
-
-
-def evaluated_models(stages: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Model name -> folder, read from the eval stages (`stages.eval --name N --model M`)."""
-    models = {}
-    for entry in stages.values():
-        command = " ".join(str(entry.get("cmd", "")).split())
-        name, model = re.search(r"--name\s+(\S+)", command), re.search(r"--model\s+(\S+)", command)
-        if "stages.eval" in command and name and model:
-            models[name.group(1)] = model.group(1)
-    return models
-
-
 def run(
     eval_dir: Path,
+    raw_dir: Path,
     curves: dict[str, Path],
-    lock_path: Path,
     out_dir: Path,
+    headline_path: Path,
     selection_path: Path | None = None,
     routing_dir: Path | None = None,
-) -> dict:
-    table = load_eval_metrics(eval_dir)
-    if not table:
-        raise SystemExit(f"error: no eval metrics in {eval_dir}: run the eval stage first")
+) -> dict[str, float]:
+    """Write the report and the headline metrics; return the headline."""
+    models = load_models(eval_dir, raw_dir)
+    if not models:
+        raise SystemExit(f"error: no eval metrics in {eval_dir}: run the eval stages first")
     selection = json.loads(selection_path.read_text()) if selection_path else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "leaderboard.md", leaderboard_markdown(table, selection))
+    tests = paired_tests(models, research_pairs(models))
+    write_text(out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection))
     images = []
-    if skill_names(table):
-        plot_skill_matrix(table, out_dir / "skill_matrix.png")
+    if skill_names(models):
+        plot_skill_matrix(models, out_dir / "skill_matrix.png")
         images.append(out_dir / "skill_matrix.png")
     plot_curves(expand_curves(curves), out_dir / "curves.png")
     images.append(out_dir / "curves.png")
-    routing = {p.stem: json.loads(p.read_text()) for p in sorted(routing_dir.glob("*.json"))} if routing_dir else {}
+    routing = load_routing(routing_dir) if routing_dir else {}
     if routing:
         plot_routing(routing, out_dir / "routing.png")
         images.append(out_dir / "routing.png")
-    stages = lock_stages(lock_path)
-    models = {name: path for name, path in evaluated_models(stages).items() if name in table}
-    lineages = lineage(stages)
-    write_text(out_dir / "index.html", html_report(table, models, lineages, images, selection))
+    write_text(out_dir / "index.html", html_report(models, tests, images, selection))
     # Model folders belong to the stages that made them, so the cards with eval results live here.
-    for name, path in models.items():
-        write_text(out_dir / "cards" / f"{name}.md", model_card(name, path, table[name], lineages.get(path, {})))
-    log.info("report of %d models in %s", len(table), out_dir)
-    return table
+    for model in models.values():
+        write_text(out_dir / "cards" / f"{model.id}.md", model_card(model))
+    numbers = headline(models, tests)
+    write_json(headline_path, numbers)
+    log.info("report of %d models and %d paired tests in %s", len(models), len(tests), out_dir)
+    return numbers
 
 
 def parse_pairs(pairs: list[str], flag: str) -> dict[str, str]:
@@ -412,16 +710,17 @@ def parse_pairs(pairs: list[str], flag: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--eval-metrics", type=Path, required=True, help="folder of <model>.json eval metrics")
+    parser.add_argument("--eval-metrics", type=Path, required=True, help="folder of <kind>/<name>.json eval metrics")
+    parser.add_argument("--eval-raw", type=Path, required=True, help="folder of <kind>/<name>/{items,lineage}.json")
     parser.add_argument("--curves", nargs="+", default=[], help="NAME=DVCLIVE_FOLDER of each training stage")
     parser.add_argument("--selection", type=Path, help="the select stage's JSON (merges chosen for the MoE)")
     parser.add_argument("--routing", type=Path, help="folder of the MoE stages' routing JSONs")
-    parser.add_argument("--lock", type=Path, default=Path("dvc.lock"), help="dvc.lock, for lineage")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--headline", type=Path, required=True, help="headline metrics JSON (a DVC metric)")
     args = parser.parse_args(argv)
     start("report")
     curves = {name: Path(path) for name, path in parse_pairs(args.curves, "--curves").items()}
-    run(args.eval_metrics, curves, args.lock, args.out, args.selection, args.routing)
+    run(args.eval_metrics, args.eval_raw, curves, args.out, args.headline, args.selection, args.routing)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""The report stage: leaderboard, plots, lineage, and an HTML page a real browser renders."""
+"""The report stage: intervals, paired tests, findings, headline, plots, and a page a real browser renders.
+
+Every model is written by hand as the eval stage writes it: metrics/eval/<kind>/<name>.json and
+eval_raw/<kind>/<name>/{items.json, lineage.json}. A model that scores k of a skill's 100 items
+answers its first k, so two models' discordant items are known: for the same skill, the
+difference of their counts, all in one direction.
+"""
 
 from __future__ import annotations
 
@@ -6,73 +12,194 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from pipeline.stats import wilson_interval
 from stages import report
 
-TABLE = {
-    "pretrain": {"addition/exact_match": 0.0, "stories/acc": 0.9, "perplexity/word_perplexity": 4.7},
-    "expert_a": {"addition/exact_match": 0.95, "stories/acc": 0.85, "perplexity/word_perplexity": 5.1},
-    "merge/ties": {"addition/exact_match": 0.5, "stories/acc": 0.8, "perplexity/word_perplexity": 6.0},
-    "moe_full": {"addition/exact_match": 0.9, "all_skills/exact_match": 0.9},
+SKILLS = ("addition", "comparison", "counting", "sorting")
+# model id -> items right of 100 per skill, in SKILLS order
+SCORES = {
+    "base/pretrain": (0, 0, 0, 0),
+    "expert/addition": (96, 0, 0, 0),
+    "expert/sorting": (0, 0, 0, 60),
+    "merge/ties": (50, 0, 0, 40),
+    "moe/experts": (30, 30, 30, 30),
+    "dense/mix": (60, 60, 60, 60),
+    "dense/short": (50, 50, 50, 50),
+    "moe_trained/full": (90, 90, 90, 90),
+    "moe_trained/router": (60, 60, 60, 60),
+}
+LINEAGE = {
+    "base/pretrain": {"stage": "pretrain", "parents": ["data/tokens"], "settings": {"learning_rate": 0.003}},
+    "moe_trained/full": {"stage": "mixture_finetune@full", "parents": ["moe/experts"], "settings": {"mode": "full"}},
+    "moe_trained/router": {"stage": "mixture_finetune@router", "parents": ["moe/experts"]},
 }
 ROUTING = {
     "experts": ["ties", "linear"],
     "skills": {"addition": [[0.7, 0.3], [0.6, 0.4]], "sorting": [[0.2, 0.8], [0.5, 0.5]]},
 }
 SELECTION = {"metric": "addition/exact_match", "selected": ["ties"], "missing": 1, "scores": {"ties": 0.5}}
-LOCK = """schema: '2.0'
-stages:
-  pretrain:
-    cmd: python -m stages.pretrain --tokens data/tokens --model models/pretrain
-    deps:
-    - path: stages/pretrain.py
-    - path: data/tokens
-    params:
-      params.yaml:
-        pretrain:
-          learning_rate: 0.003
-    outs:
-    - path: models/pretrain
-  eval@pretrain:
-    cmd: python -m stages.eval --name pretrain --model models/pretrain --raw x
-    deps:
-    - path: models/pretrain
-    outs:
-    - path: metrics/eval_raw/pretrain
-"""
+
+
+def outcomes(right: int, items: int = 100) -> list[int]:
+    return [1] * right + [0] * (items - right)
+
+
+def write_model(root: Path, model_id: str, scores: tuple[int, ...]) -> None:
+    """The eval stage's three files for one model, consistent with each other."""
+    items = {f"{skill}/exact_match": outcomes(right) for skill, right in zip(SKILLS, scores, strict=True)}
+    items["all_skills/exact_match"] = [x for skill in SKILLS for x in items[f"{skill}/exact_match"]]
+    items["addition_choice/acc"] = outcomes(70)
+    items["stories/acc"] = outcomes(38 if model_id == "base/pretrain" else 36, 40)
+    metrics = {key: round(sum(values) / len(values), 4) for key, values in items.items()}
+    metrics["perplexity/word_perplexity"] = 4.7 if model_id == "base/pretrain" else 9.0
+    kind, _, name = model_id.partition("/")
+    lineage = {"kind": kind, "name": name, "parents": [], **LINEAGE.get(model_id, {})}
+    (root / "eval" / kind).mkdir(parents=True, exist_ok=True)
+    (root / "eval" / f"{model_id}.json").write_text(json.dumps(metrics))
+    (root / "eval_raw" / model_id).mkdir(parents=True, exist_ok=True)
+    (root / "eval_raw" / model_id / "items.json").write_text(json.dumps(items))
+    (root / "eval_raw" / model_id / "lineage.json").write_text(json.dumps(lineage))
+
+
+def build(root: Path, curves: dict[str, Path] | None = None, **options: Path) -> dict[str, float]:
+    return report.run(root / "eval", root / "eval_raw", curves or {}, root / "out", root / "headline.json", **options)
 
 
 @pytest.fixture()
-def built(tmp_path, tiny_pretrained) -> Path:
-    """A report over TABLE, with the tiny pretraining run's curves and a small dvc.lock."""
-    eval_dir = tmp_path / "eval"
-    eval_dir.mkdir()
-    for model, metrics in TABLE.items():
-        (eval_dir / f"{model}.json").parent.mkdir(parents=True, exist_ok=True)
-        (eval_dir / f"{model}.json").write_text(json.dumps(metrics))
-    (tmp_path / "dvc.lock").write_text(LOCK)
-    (tmp_path / "select.json").write_text(json.dumps(SELECTION))
-    (tmp_path / "routing").mkdir()
-    (tmp_path / "routing" / "moe_full.json").write_text(json.dumps(ROUTING))
+def project(tmp_path) -> Path:
+    for model_id, scores in SCORES.items():
+        write_model(tmp_path, model_id, scores)
+    return tmp_path
+
+
+@pytest.fixture()
+def built(project, tiny_pretrained) -> Path:
+    """The report of SCORES, with the tiny pretraining run's curves, a selection and routing shares."""
+    (project / "select.json").write_text(json.dumps(SELECTION))
+    (project / "routing").mkdir()
+    (project / "routing" / "moe_full.json").write_text(json.dumps(ROUTING))
     curves = {"pretrain": tiny_pretrained[1] / "live"}
-    report.run(
-        eval_dir, curves, tmp_path / "dvc.lock", tmp_path / "out", tmp_path / "select.json", tmp_path / "routing"
-    )
-    return tmp_path / "out"
+    build(project, curves, selection_path=project / "select.json", routing_dir=project / "routing")
+    return project / "out"
 
 
-def test_leaderboard_marks_the_best_of_each_row(built):
+def findings(out: Path) -> list[str]:
+    text = (out / "leaderboard.md").read_text()
+    return re.findall(r"^- (.*)$", text.split("## Findings")[1].split("##")[0], re.M)
+
+
+def test_findings_say_what_the_paired_tests_found(built):
+    assert findings(built) == [
+        "Trained MoE vs the best dense model trained on the same mixture: `moe_trained/full` scores higher than "
+        "`dense/mix` on the skills (0.90 [0.87, 0.93] vs 0.60 [0.55, 0.65]; McNemar p = 6e-36, Holm-adjusted).",
+        "Trained MoE vs the best dense model trained on the same mixture: No significant difference between "
+        "`moe_trained/router` and `dense/mix` (0.60 vs 0.60; adjusted p = 1).",
+        "Best merge vs best expert: No significant difference between `merge/ties` and `expert/addition` "
+        "(0.23 vs 0.24; adjusted p = 1).",
+        "Trained MoE vs the untrained MoE it started from: `moe_trained/full` scores higher than `moe/experts` "
+        "on the skills (0.90 [0.87, 0.93] vs 0.30 [0.26, 0.35]; McNemar p = 5.7e-72, Holm-adjusted).",
+        "Trained MoE vs the untrained MoE it started from: `moe_trained/router` scores higher than `moe/experts` "
+        "on the skills (0.60 [0.55, 0.65] vs 0.30 [0.26, 0.35]; McNemar p = 6e-36, Holm-adjusted).",
+    ]
     text = (built / "leaderboard.md").read_text()
-    assert "| task/metric | pretrain | expert_a | merge/ties | moe_full |" in text  # base, experts, merges, MoE
-    assert "| addition/exact_match | 0 | **0.95** | 0.5 | 0.9 |" in text
-    assert "| stories/acc | **0.9** | 0.85 | 0.8 |  |" in text
-    assert "| perplexity/word_perplexity | **4.7** | 5.1 | 6 |  |" in text  # lower is better
-    assert "| trained MoE | moe_full | 0.9 |" in text  # best of each kind (only it has all_skills here)
-    assert "selected for the mixture of experts by `addition/exact_match`: ties (0.5); 1 fewer" in text
+    assert text.index("## Findings") < text.index("## Leaderboard") < text.index("## Paired tests")
+
+
+def test_paired_tests_table_names_the_test_and_its_counts(built):
+    text = (built / "leaderboard.md").read_text()
+    assert "McNemar's exact test on the 400 paired skill items" in text
+    assert "p-values Holm-adjusted over the 5 comparisons" in text
+    # full vs dense: 30 more items right per skill, none fewer; p = 2 * 2^-120
+    assert (
+        "| `moe_trained/full` | `dense/mix` | 0.900 [0.87, 0.93] | 0.600 [0.55, 0.65] | +0.300 | 120 / 0 "
+        "| 1.5e-36 | 6e-36 | A higher |"
+    ) in text
+    # the expert is right on 46 addition items the merge misses, the merge on 40 sorting items: p = 0.59
+    assert "| `merge/ties` | `expert/addition` | 0.225 [0.19, 0.27] | 0.240 [0.20, 0.28] | -0.015 | 40 / 46 " in text
+    assert "| 0.59 | 1 | no significant difference |" in text
+
+
+def test_findings_follow_the_items(project):
+    """The same pair, three sets of items: the finding changes with the numbers, nothing is fixed."""
+    pair = "`moe_trained/router`"
+    for scores, expected in (
+        ((60, 60, 60, 60), f"No significant difference between {pair} and `dense/mix` (0.60 vs 0.60;"),
+        ((80, 80, 80, 80), f"{pair} scores higher than `dense/mix` on the skills (0.80 [0.76, 0.84] vs 0.60"),
+        ((40, 40, 40, 40), f"`dense/mix` scores higher than {pair} on the skills (0.60 [0.55, 0.65] vs 0.40"),
+    ):
+        write_model(project, "moe_trained/router", scores)
+        build(project)
+        assert any(expected in line for line in findings(project / "out")), findings(project / "out")
+
+
+def test_leaderboard_has_models_as_rows_with_intervals(built):
+    text = (built / "leaderboard.md").read_text()
+    leaderboard = text.split("## Leaderboard")[1].split("## Paired tests")[0]
+    columns = [f"{s}/exact_match" for s in SKILLS] + ["all_skills/exact_match", "stories/acc"]
+    assert "| kind | model | " + " | ".join(columns) + " | perplexity/word_perplexity |" in leaderboard
+    rows = re.findall(r"^\| (\w+) \| (\w+) \|", leaderboard, re.M)[1:]
+    assert ["/".join(row) for row in rows] == list(SCORES)  # base, experts, merges, MoE, dense, trained MoE
+    # Wilson 95% intervals from the items (96 of 100, 0 of 100, ...); the best of each column in bold
+    assert "| expert | addition | **0.960 [0.90, 0.98]** | 0.000 [0.00, 0.04] |" in leaderboard
+    assert "| base | pretrain | 0.000 [0.00, 0.04] |" in leaderboard
+    assert "**0.950 [0.83, 0.99]** | **4.7** |" in leaderboard  # stories; perplexity: lower is better
+    assert "| moe_trained | full | 0.900 [0.83, 0.94] | **0.900 [0.83, 0.94]** |" in leaderboard
+    assert "**0.900 [0.87, 0.93]** | 0.900 [0.77, 0.96] | 9 |" in leaderboard  # all skills: 360 of 400
+    assert "| addition_choice/acc |" in text.split("## Every task/metric")[1]  # the full table below
+    assert "Merges selected for the mixture of experts by `addition/exact_match`: ties (0.5); 1 fewer" in text
+
+
+def test_headline_metrics_are_few_stable_numbers(built):
+    path = built.parent / "headline.json"
+    headline = json.loads(path.read_text())
+    kinds = ("base", "expert", "merge", "moe", "dense", "moe_trained")
+    pairs = ("vs_dense/full", "vs_dense/router", "vs_untrained/full", "vs_untrained/router")
+    assert set(headline) == {f"{k}/best_em{end}" for k in kinds for end in ("", "_low", "_high")} | {
+        f"{p}/{m}" for p in pairs for m in ("diff", "p_adj")
+    }
+    assert list(headline) == sorted(headline)  # stable order in the file
+    low, high = wilson_interval(360, 400)
+    best = [headline[f"moe_trained/best_em{end}"] for end in ("", "_low", "_high")]
+    assert best == [0.9, round(low, 4), round(high, 4)]
+    assert headline["dense/best_em"] == 0.6 and headline["expert/best_em"] == 0.24  # dense/mix, expert/addition
+    assert headline["vs_dense/full/diff"] == 0.3 and headline["vs_dense/full/p_adj"] == 0.0
+    assert headline["vs_dense/router/diff"] == 0.0 and headline["vs_dense/router/p_adj"] == 1.0
+    assert headline["vs_untrained/router/diff"] == 0.3
+
+
+def test_without_the_compared_kinds_there_are_no_pairs(tmp_path):
+    for model_id in ("base/pretrain", "expert/addition", "expert/sorting"):
+        write_model(tmp_path, model_id, SCORES[model_id])
+    headline = build(tmp_path)
+    assert findings(tmp_path / "out") == [report.NO_PAIRS]
+    assert "## Paired tests" not in (tmp_path / "out" / "leaderboard.md").read_text()
+    assert set(headline) == {f"{k}/best_em{end}" for k in ("base", "expert") for end in ("", "_low", "_high")}
+
+
+def test_inputs_outside_the_contract_are_named(project):
+    (project / "eval" / "pretrain.json").write_text("{}")  # the old layout, no kind folder
+    with pytest.raises(SystemExit, match=r"outside the kind folders .*\['pretrain'\]"):
+        build(project)
+    (project / "eval" / "pretrain.json").unlink()
+    (project / "eval_raw" / "dense" / "mix" / "items.json").unlink()
+    with pytest.raises(SystemExit, match=r"dense/mix/items.json is missing: rerun the eval stage of dense/mix"):
+        build(project)
+    write_model(project, "dense/mix", SCORES["dense/mix"])
+    items = json.loads((project / "eval_raw" / "dense" / "mix" / "items.json").read_text())
+    items["all_skills/exact_match"] = items["all_skills/exact_match"][:200]
+    (project / "eval_raw" / "dense" / "mix" / "items.json").write_text(json.dumps(items))
+    with pytest.raises(SystemExit, match=r"moe_trained/full and dense/mix were scored on different skill items"):
+        build(project)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    return struct.unpack(">II", path.read_bytes()[16:24])
 
 
 def test_plots_are_real_pngs(built):
@@ -81,29 +208,38 @@ def test_plots_are_real_pngs(built):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def test_html_is_self_contained_with_lineage(built):
+def test_curves_are_a_grid_of_at_most_three_columns(project, tiny_pretrained):
+    live = tiny_pretrained[1] / "live"
+    build(project, {name: live for name in ("pretrain", "a", "b", "c")})
+    width, height = png_size(project / "out" / "curves.png")
+    assert (width, height) == (round(3 * 5.5 * 110), round(2 * 3.8 * 110))  # 3 panels of 5.5 in, 2 rows, at 110 dpi
+
+
+def test_html_is_self_contained_with_findings_first_and_lineage(built):
     page = (built / "index.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing loads from elsewhere
     assert page.count('src="data:image/png;base64,') == 3
-    assert "<td>trained MoE</td><td>moe_full</td><td>0.9</td>" in page
-    assert "made by stage <code>pretrain</code> from <code>data/tokens</code>" in page
+    assert page.index('id="findings"') < page.index("id='leaderboard'") < page.index("id='pairs'")
+    assert "<code>moe_trained/full</code> scores higher than <code>dense/mix</code>" in page
+    assert re.findall(r"<tr data-model='([^']+)'>", page.split("id='leaderboard'")[1].split("</table>")[0]) == list(
+        SCORES
+    )
+    assert "<td class=best>0.960 <span class='ci'>[0.90, 0.98]</span></td>" in page
+    assert re.search(r"<details><summary>Every task/metric</summary>.*id='all-metrics'", page)
+    captions = re.findall(r"<figcaption>([^<]+)</figcaption>", page)
+    assert len(captions) == 3 and all(len(c) > 80 and c.endswith(".") for c in captions)  # sentences, not names
+    assert "Made by the <code>mixture_finetune@full</code> stage from <code>moe/experts</code>." in page
     assert "&quot;learning_rate&quot;: 0.003" in page
 
 
 def test_model_cards_carry_metrics_and_lineage(built):
-    card = (built / "cards" / "pretrain.md").read_text()
-    assert "made by the `pretrain` stage from `data/tokens`" in card
-    assert "| `stories/acc` | 0.9 |" in card and '"learning_rate": 0.003' in card
-    assert not (built / "cards" / "expert_a.md").exists()  # not in dvc.lock: no lineage to show
-
-
-def test_lineage_reads_what_ran_from_dvc_lock(tmp_path):
-    (tmp_path / "dvc.lock").write_text(LOCK)
-    stages = report.lock_stages(tmp_path / "dvc.lock")
-    info = report.lineage(stages)["models/pretrain"]
-    assert info["stage"] == "pretrain" and info["parents"] == ["data/tokens"]
-    assert report.evaluated_models(stages) == {"pretrain": "models/pretrain"}
-    assert report.lock_stages(tmp_path / "missing.lock") == {}
+    card = (built / "cards" / "moe_trained" / "full.md").read_text()
+    assert "Made by the `mixture_finetune@full` stage from `moe/experts`." in card
+    assert "| `all_skills/exact_match` | 0.900 [0.87, 0.93] |" in card and '"mode": "full"' in card
+    card = (built / "cards" / "base" / "pretrain.md").read_text()
+    assert "| `perplexity/word_perplexity` | 4.7 |" in card and '"learning_rate": 0.003' in card
+    cards = sorted(path.relative_to(built / "cards").as_posix() for path in (built / "cards").rglob("*.md"))
+    assert cards == sorted(f"{model_id}.md" for model_id in SCORES)
 
 
 def chromium() -> str | None:
@@ -111,7 +247,7 @@ def chromium() -> str | None:
 
 
 def test_report_renders_in_a_real_browser(built, tmp_path):
-    """Headless Chromium (Debian's package; .ci/run installs it) loads the page: table and images."""
+    """Headless Chromium (Debian's package; .ci/run installs it) loads the page: tables, images, no overflow."""
     browser = chromium()
     if browser is None:
         if os.environ.get("CI"):
@@ -120,17 +256,23 @@ def test_report_renders_in_a_real_browser(built, tmp_path):
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--window-size=1280,900",
     ]  # fmt: skip
-    url = (built / "index.html").resolve().as_uri()
-    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    # A copy of the page that writes, once loaded, how wide its content is (the report has no script).
+    measure = "<script>addEventListener('load', () => { document.body.dataset.scrollWidth = "
+    measure += "document.documentElement.scrollWidth; document.body.dataset.viewport = innerWidth; });</script>"
+    page = tmp_path / "measured.html"
+    page.write_text((built / "index.html").read_text().replace("</body>", measure + "</body>"))
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = dom.stdout
     assert dom.count('data-rendered="yes"') == 3, "every image decoded and rendered"
     assert 'data-rendered="no"' not in dom
     leaderboard = re.search(r'<table id="leaderboard">.*?</table>', dom, re.S).group(0)
-    rows = re.findall(r"<tr><th>([^<]+)</th>", leaderboard)
-    metrics = ["addition/exact_match", "all_skills/exact_match", "perplexity/word_perplexity", "stories/acc"]
-    assert rows == ["task/metric", *metrics]
+    assert re.findall(r'<tr data-model="([^"]+)">', leaderboard) == list(SCORES)  # models are the rows
+    scroll_width = int(re.search(r'data-scroll-width="(\d+)"', dom).group(1))
+    viewport = int(re.search(r'data-viewport="(\d+)"', dom).group(1))
+    assert viewport == 1280 and scroll_width <= viewport, "the page fits a 1280 px wide window"
     screenshot = tmp_path / "report.png"
-    subprocess.run([browser, *flags, "--window-size=1200,900", f"--screenshot={screenshot}", url],
+    subprocess.run([browser, *flags, f"--screenshot={screenshot}", (built / "index.html").resolve().as_uri()],
                    capture_output=True, timeout=120)  # fmt: skip
     assert screenshot.stat().st_size > 20_000  # a page with pictures, not a blank one
