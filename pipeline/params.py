@@ -347,6 +347,14 @@ class SFTSettings(Section):
         "suits A100 tensor cores but more than doubles the step time on short rows (~25 tokens here)."
     )  # fmt: skip
     gradient_checkpointing: bool = False
+    replay_rows: int = Field(
+        0, ge=0, description="Documents of finetune.replay_text mixed into the SFT rows, trained with the "
+        "language-model loss on every token: keeps the model's general text ability while it learns the skill."
+    )  # fmt: skip
+    replay_max_tokens: int = Field(
+        48, ge=8, description="Longest replay passage (whole sentences): short, like the SFT rows, so batches "
+        "padded to their longest row stay short."
+    )  # fmt: skip
     seed: int = 0
 
 
@@ -366,6 +374,8 @@ class SFTOverrides(Section):
     lora_r: int | None = Field(None, ge=1)
     lora_alpha: int | None = Field(None, ge=1)
     lora_dropout: float | None = Field(None, ge=0, lt=1)
+    replay_rows: int | None = Field(None, ge=0)
+    replay_max_tokens: int | None = Field(None, ge=8)
     seed: int | None = None
 
     def resolve(self, defaults: SFTSettings) -> SFTSettings:
@@ -392,6 +402,10 @@ class FinetuneSettings(Section):
         description="Model folder to fine-tune: the pretrain output (default), any local Hugging Face model "
         "folder, or a hub model fetched by a `hub` entry (data/hub/<name>).",
     )
+    replay_text: str = Field(
+        "data/corpus/train.jsonl",
+        description="Pretraining-style text (.jsonl/.parquet with a `text` column) that replay_rows draws from.",
+    )
     defaults: SFTSettings = Field(default_factory=SFTSettings)
     experts: dict[str, ExpertSettings] = Field(
         default_factory=lambda: {skill: ExpertSettings(dataset=f"data/sft/{skill}.jsonl") for skill in SKILLS},
@@ -404,8 +418,6 @@ class FinetuneSettings(Section):
         for name in self.experts:
             if not re.fullmatch(r"[a-z0-9_]+", name):
                 raise ValueError(f"expert name {name!r}: use lowercase letters, digits and _ (it names files)")
-            if name.startswith("moe") or name == "pretrain":
-                raise ValueError(f"expert name {name!r}: pretrain and moe* name other models' evals")
         return self
 
 
@@ -567,17 +579,33 @@ class ExpertPrompts(Section):
     negative: list[str] = Field(default_factory=list)
 
 
-class MoESettings(Section):
-    """`moe` stage: a Mixtral-architecture mixture of experts built by mergekit-moe (python -m stages.moe)."""
+class MoEVariant(Section):
+    """One mixture of experts to build: where its experts come from."""
 
     source: Literal["selected_merges", "experts", "base"] = Field(
-        "selected_merges",
-        description="Where the experts come from: the merges the select stage chose, the SFT experts, or "
-        "finetune.base_model copied into every expert ('direct MoE': only useful with training, so "
-        "moe_finetune.runs must not be empty).",
+        description="The merges the select stage chose, the SFT experts, or finetune.base_model copied into "
+        "every expert (sparse upcycling: it only becomes more than the base through training, so a "
+        "mixture.moe_runs entry must train it)."
     )
     experts: list[str] | None = Field(None, description="source experts: which SFT experts (default: all).")
     num_experts: int = Field(4, ge=2, description="source base: how many copies of the base model.")
+
+
+def _default_variants() -> dict[str, MoEVariant]:
+    return {
+        "merges": MoEVariant(source="selected_merges"),
+        "experts": MoEVariant(source="experts"),
+        "upcycled": MoEVariant(source="base"),
+    }
+
+
+class MoESettings(Section):
+    """`moe@<variant>` stages: Mixtral-architecture mixtures of experts built by mergekit-moe (python -m stages.moe)."""
+
+    variants: dict[str, MoEVariant] = Field(
+        default_factory=_default_variants,
+        description="Variant name -> its source; each is a moe@<name> stage, evaluated as moe/<name>.",
+    )
     gate_mode: Literal["hidden", "cheap_embed", "random", "uniform_random"] = Field(
         "random",
         description="How mergekit-moe initialises the routers: from the hidden states (hidden) or embeddings "
@@ -596,8 +624,9 @@ class MoESettings(Section):
 
 
 class MoERun(SFTOverrides):
-    """One training run of the MoE: its mode, and any SFT setting that differs from moe_finetune.defaults."""
+    """One MoE trained on the mixture: which variant, its mode, and SFT settings that differ from mixture.defaults."""
 
+    moe: str = Field(description="The moe.variants entry to train.")
     mode: Literal["full", "router", "lora"] = Field(
         "full",
         description="full: every weight; router: only the routers' gate weights; lora: LoRA on the attention "
@@ -611,20 +640,34 @@ class MoERun(SFTOverrides):
         return self
 
 
-class MoEFinetuneSettings(Section):
-    """`moe_finetune@<run>` stages: the MoE trained with axolotl on a mixture of the experts' data."""
+def _default_moe_runs() -> dict[str, MoERun]:
+    runs = {name: MoERun(moe=name) for name in _default_variants()}
+    runs["experts_router"] = MoERun(moe="experts", mode="router", learning_rate=0.01)
+    return runs
+
+
+class MixtureSettings(Section):
+    """`dense@<run>` and `moe_finetune@<run>` stages: models trained with axolotl on one mixture of the
+    experts' SFT data, with the same settings, rows and steps unless a run overrides them: the dense
+    baseline and the MoE variants (python -m stages.mixture_finetune)."""
 
     defaults: SFTSettings = Field(default_factory=SFTSettings)
-    mixture: dict[str, float] = Field(
+    weights: dict[str, float] = Field(
         default_factory=dict,
-        description="Expert name -> weight of its SFT data in the training mixture (default: every expert, "
-        "weight 1). Rows are drawn in these proportions.",
+        description="Expert name -> weight of its SFT data in the mixture (default: every expert, weight 1). "
+        "Rows are drawn in these proportions.",
     )
-    mixture_rows: int = Field(4000, ge=1, description="Rows in the training mixture.")
+    rows: int = Field(4000, ge=1, description="SFT rows in the mixture (replay passages come on top).")
     router_aux_loss_coef: float = Field(0.02, ge=0, description="Weight of the router load-balancing loss (0: off).")
-    runs: dict[str, MoERun] = Field(
-        default_factory=lambda: {"full": MoERun(mode="full")},
-        description="Run name -> mode and overrides; each is a moe_finetune@<run> stage, evaluated as moe_<run>.",
+    dense_runs: dict[str, SFTOverrides] = Field(
+        default_factory=lambda: {"multitask": SFTOverrides()},
+        description="Run name -> overrides; each is a dense@<name> stage: finetune.base_model trained on the "
+        "mixture (the step-matched dense baseline), evaluated as dense/<name>.",
+    )
+    moe_runs: dict[str, MoERun] = Field(
+        default_factory=_default_moe_runs,
+        description="Run name -> MoE variant, mode and overrides; each is a moe_finetune@<name> stage, evaluated "
+        "as moe_trained/<name>.",
     )
 
 
@@ -656,7 +699,7 @@ class Params(Section):
     merge: MergeSettings = Field(default_factory=MergeSettings)
     select: SelectSettings = Field(default_factory=SelectSettings)
     moe: MoESettings = Field(default_factory=MoESettings)
-    moe_finetune: MoEFinetuneSettings = Field(default_factory=MoEFinetuneSettings)
+    mixture: MixtureSettings = Field(default_factory=MixtureSettings)
 
     @model_validator(mode="after")
     def _hub_names_are_plain_and_used_ones_exist(self) -> Params:
@@ -702,46 +745,60 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
-    def _moe_is_buildable_and_useful(self) -> Params:
-        moe, experts = self.moe, list(self.finetune.experts)
-        count = {
-            "selected_merges": min(self.select.top_k, len(self.merge.recipes)),
-            "experts": len(moe.experts or experts),
-            "base": moe.num_experts,
-        }
-        if moe.source == "selected_merges" and not self.merge.recipes:
-            raise ValueError("moe.source is selected_merges but merge.recipes is empty")
-        if moe.experts is not None:
-            unknown = [e for e in moe.experts if e not in experts]
-            if unknown or len(set(moe.experts)) != len(moe.experts):
-                raise ValueError(f"moe.experts {moe.experts}: name distinct experts of finetune.experts ({experts})")
-        if moe.experts_per_token > count[moe.source]:
-            raise ValueError(
-                f"moe.experts_per_token {moe.experts_per_token} is more than the {count[moe.source]} experts "
-                f"that moe.source {moe.source} gives"
-                + (" (select.top_k, at most the number of merge.recipes)" if moe.source == "selected_merges" else "")
-            )
-        if moe.source == "base":
-            if not self.moe_finetune.runs:
+    def _moes_are_buildable_and_trained_on_known_data(self) -> Params:
+        moe, mixture, experts = self.moe, self.mixture, list(self.finetune.experts)
+        for name in mixture.dense_runs:
+            _plain_name(name, f"mixture.dense_runs.{name}")
+        for name, run in mixture.moe_runs.items():
+            _plain_name(name, f"mixture.moe_runs.{name}")
+            if run.moe not in moe.variants:
+                raise ValueError(f"mixture.moe_runs.{name}.moe is {run.moe!r}, not one of moe.variants "
+                                 f"({', '.join(moe.variants) or 'none'})")  # fmt: skip
+        trained = {run.moe for run in mixture.moe_runs.values()}
+        for name, variant in moe.variants.items():
+            where = f"moe.variants.{name}"
+            _plain_name(name, where)
+            count = {
+                "selected_merges": min(self.select.top_k, len(self.merge.recipes)),
+                "experts": len(variant.experts or experts),
+                "base": variant.num_experts,
+            }[variant.source]
+            if variant.source == "selected_merges" and not self.merge.recipes:
+                raise ValueError(f"{where}.source is selected_merges but merge.recipes is empty")
+            if variant.experts is not None:
+                unknown = [e for e in variant.experts if e not in experts]
+                if unknown or len(set(variant.experts)) != len(variant.experts):
+                    raise ValueError(f"{where}.experts {variant.experts}: name distinct experts of finetune.experts "
+                                     f"({experts})")  # fmt: skip
+            if moe.experts_per_token > count:
                 raise ValueError(
-                    "moe.source base copies one model into every expert: the MoE only differs from that model "
-                    "after training, and moe_finetune.runs is empty"
-                )
-            missing = [f"copy_{i}" for i in range(moe.num_experts) if f"copy_{i}" not in moe.prompts]
-            if moe.gate_mode in ("hidden", "cheap_embed") and missing:
-                raise ValueError(
-                    f"moe.gate_mode {moe.gate_mode} routes by each expert's prompts, and copies of the base "
-                    f"have none: set moe.prompts for {missing}, or use gate_mode random"
-                )
-        for name in self.moe_finetune.mixture:
+                    f"moe.experts_per_token {moe.experts_per_token} is more than the {count} experts that {where} "
+                    f"gives" + (" (select.top_k, at most the number of merge.recipes)"
+                                if variant.source == "selected_merges" else "")
+                )  # fmt: skip
+            if variant.source == "base":
+                if name not in trained:
+                    raise ValueError(
+                        f"{where} copies one model into every expert: the MoE only differs from that model after "
+                        "training, and no mixture.moe_runs entry trains it"
+                    )
+                missing = [f"copy_{i}" for i in range(variant.num_experts) if f"copy_{i}" not in moe.prompts]
+                if moe.gate_mode in ("hidden", "cheap_embed") and missing:
+                    raise ValueError(
+                        f"moe.gate_mode {moe.gate_mode} routes by each expert's prompts, and the copies of the base "
+                        f"in {where} have none: set moe.prompts for {missing}, or use gate_mode random"
+                    )
+        for name in mixture.weights:
             if name not in experts:
-                raise ValueError(f"moe_finetune.mixture names {name!r}, which is not in finetune.experts ({experts})")
-        if self.moe_finetune.mixture and not any(w > 0 for w in self.moe_finetune.mixture.values()):
-            raise ValueError("moe_finetune.mixture: at least one weight must be positive")
-        for name in self.moe_finetune.runs:
-            if not re.fullmatch(r"[a-z0-9_]+", name):
-                raise ValueError(f"moe_finetune.runs.{name}: use lowercase letters, digits and _ (it names files)")
+                raise ValueError(f"mixture.weights names {name!r}, which is not in finetune.experts ({experts})")
+        if mixture.weights and not any(w > 0 for w in mixture.weights.values()):
+            raise ValueError("mixture.weights: at least one weight must be positive")
         return self
+
+
+def _plain_name(name: str, where: str) -> None:
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"{where}: use lowercase letters, digits and _ in the name (it names files)")
 
 
 class ParamsError(ValueError):

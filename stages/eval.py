@@ -38,6 +38,8 @@ from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json
 from pipeline.kinds import MODEL_KINDS
+from pipeline.lineage import LINEAGE_FILE
+from pipeline.lineage import model_id as lineage_id
 from pipeline.params import EMBEDDED_TASKS, EvalSettings
 from pipeline.stage import configure_environment, start
 
@@ -220,17 +222,17 @@ def items_json(items: dict[str, list[int]]) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def write_lineage(model_dir: Path, model_id: str, path: Path) -> None:
+def copy_lineage(model_dir: Path, model_id: str, path: Path) -> None:
     """Copy the model folder's lineage.json to `path`; without one (a base model from outside),
     write kind and name from the id. A lineage of another id is an error: the wrong folder."""
-    source = model_dir / "lineage.json"
+    source = model_dir / LINEAGE_FILE
     if not source.is_file():
         kind, _, name = model_id.partition("/")
         path.write_text(dumps_json({"kind": kind, "name": name, "parents": []}))
         return
-    lineage = json.loads(source.read_text())
-    if f"{lineage.get('kind')}/{lineage.get('name')}" != model_id:
-        raise SystemExit(f"error: --name is {model_id} but {source} names {lineage.get('kind')}/{lineage.get('name')}")
+    declared = lineage_id(model_dir)
+    if declared != model_id:
+        raise SystemExit(f"error: --name is {model_id} but {source} names {declared}")
     shutil.copyfile(source, path)
 
 
@@ -251,7 +253,7 @@ def run(
     from lm_eval.tasks import TaskManager
 
     with atomic_dir(raw_dir) as tmp:
-        write_lineage(model_dir, model_id, tmp / "lineage.json")
+        copy_lineage(model_dir, model_id, tmp / "lineage.json")
         tasks_dir = tmp / "tasks"
         tasks_dir.mkdir()
         configs = embedded_task_configs(settings, eval_dir, corpus_dir)

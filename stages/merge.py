@@ -20,6 +20,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_dir, dumps_json
+from pipeline.lineage import model_id, write_lineage
 from pipeline.params import MERGE_METHODS, MergeRecipe
 from pipeline.stage import configure_environment, start
 
@@ -75,6 +76,9 @@ def run(recipe_name: str, recipe: MergeRecipe, experts: dict[str, str], base_mod
         with open(tmp / "mergekit.yaml", "w") as handle:
             YAML().dump(config, handle)
         (tmp / "README.md").write_text(model_card(recipe_name, recipe, config))
+        parents = [model_id(path) for path in experts.values()]
+        write_lineage(tmp, "merge", recipe_name, f"merge@{recipe_name}", parents,
+                      {"recipe": recipe.model_dump(mode="json"), "dtype": dtype, "seed": seed})  # fmt: skip
     return config
 
 

@@ -1,15 +1,17 @@
-"""`moe` stage: a Mixtral-architecture mixture of experts built by mergekit-moe.
+"""`moe@<variant>` stage: a Mixtral-architecture mixture of experts built by mergekit-moe.
 
-    python -m stages.moe --selection metrics/select.json --merged models/merged --experts models/experts \
-        --base-model models/pretrain --eval-sets data/eval --out models/moe --routing metrics/routing/moe.json
+    python -m stages.moe --variant experts --selection metrics/select.json --merged models/merged \
+        --experts models/experts --base-model models/pretrain --eval-sets data/eval \
+        --out models/moe/experts --routing metrics/routing/moe/experts.json
 
-The experts come from params.yaml moe.source: the merges the select stage chose (default), the
-SFT experts, or the base model copied into every expert. Their MLPs become the experts of each
-layer; attention, embeddings and norms come from the first of them (the best-ranked merge). The
-routers start from each expert's prompts (gate_mode hidden / cheap_embed) or at random. The
-mergekit-moe configuration is saved beside the weights (mergekit_moe.yaml); the tokenizer is the
-experts' own (mergekit-moe would re-save it with pad = BOS and left padding). --routing gets
-the share of each skill's tokens routed to each expert in each layer (a plot in the report).
+Each entry of moe.variants names where its experts come from: the merges the select stage chose,
+the SFT experts (Branch-Train-MiX), or the base model copied into every expert (sparse
+upcycling). Their MLPs become the experts of each layer; attention, embeddings and norms come
+from the first of them (the best-ranked merge). The routers start from each expert's prompts
+(gate_mode hidden / cheap_embed) or at random. The mergekit-moe configuration is saved beside
+the weights (mergekit_moe.yaml), with lineage.json (kind `moe`); the tokenizer is the experts'
+own (mergekit-moe would re-save it with pad = BOS and left padding). --routing gets the share
+of each skill's tokens routed to each expert in each layer (a plot in the report).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json
-from pipeline.params import ExpertPrompts, MoESettings
+from pipeline.lineage import model_id, write_lineage
+from pipeline.params import ExpertPrompts, MoESettings, MoEVariant
+from pipeline.routing import EXPERT_NAMES, routing_metrics
+from pipeline.sft import dataset_format
 from pipeline.stage import configure_environment, start
-from stages.finetune import dataset_format
 
 log = logging.getLogger("stages.moe")
-
-EXPERT_NAMES = "moe_experts.json"  # in the MoE folder: which source each expert index came from
 
 
 def first_questions(dataset: Path, count: int) -> list[str]:
@@ -98,7 +100,9 @@ def moe_config(
     }
 
 
-def build(settings: MoESettings, config: dict[str, Any], names: list[str], allow_all_same: bool, out_dir: Path) -> None:
+def build(
+    settings: MoESettings, variant_name: str, config: dict[str, Any], sources: dict[str, str], out_dir: Path
+) -> None:
     """Run mergekit-moe into `out_dir` (atomically) with the shared model's own tokenizer."""
     import torch
     from mergekit.merge import MergeOptions
@@ -106,6 +110,8 @@ def build(settings: MoESettings, config: dict[str, Any], names: list[str], allow
     from mergekit.scripts.moe import build as mergekit_moe_build
     from transformers import AutoTokenizer
 
+    variant = settings.variants[variant_name]
+    allow_all_same = variant.source == "base"  # copies of one model, made different by training
     moe_config_model = MoEMergeConfig.model_validate(config)
     if is_bad_config(moe_config_model, allow_all_same=allow_all_same):  # logs why
         raise SystemExit("error: mergekit-moe rejects the MoE configuration (its reason is logged above)")
@@ -115,47 +121,22 @@ def build(settings: MoESettings, config: dict[str, Any], names: list[str], allow
         device = "cuda" if torch.cuda.is_available() else "cpu"
         mergekit_moe_build(moe_config_model, str(tmp), options, device=device, allow_all_same=allow_all_same)
         AutoTokenizer.from_pretrained(config["base_model"]).save_pretrained(tmp)
-        (tmp / EXPERT_NAMES).write_text(json.dumps(names) + "\n")
+        (tmp / EXPERT_NAMES).write_text(json.dumps(list(sources)) + "\n")
         with open(tmp / "mergekit_moe.yaml", "w") as handle:
             YAML().dump(config, handle)
-        (tmp / "README.md").write_text(model_card(settings, config))
+        (tmp / "README.md").write_text(model_card(settings, variant_name, variant, config))
+        parents = sorted({model_id(path) for path in sources.values()})
+        shared = settings.model_dump(mode="json", exclude={"variants"})
+        write_lineage(tmp, "moe", variant_name, f"moe@{variant_name}", parents,
+                      {"variant": variant.model_dump(mode="json"), **shared})  # fmt: skip
 
 
-def routing_fractions(model_dir: Path, eval_dir: Path, limit: int = 64) -> dict[str, list[list[float]]]:
-    """Skill -> [layer][expert]: share of the skill's question tokens (routed k times each) per expert."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    k = model.config.num_experts_per_tok
-    fractions: dict[str, list[list[float]]] = {}
-    for path in sorted(eval_dir.glob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()[:limit]]
-        questions = [row["question"] for row in rows if "question" in row]
-        if not questions:
-            continue
-        counts = None
-        for question in questions:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                                   add_generation_prompt=True)  # fmt: skip
-            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-            with torch.no_grad():
-                logits = model(**ids, output_router_logits=True).router_logits  # per layer: (tokens, experts)
-            chosen = torch.stack([layer.topk(k, dim=-1).indices for layer in logits])  # (layers, tokens, k)
-            hits = torch.nn.functional.one_hot(chosen, logits[0].shape[-1]).sum(dim=(1, 2)).float()
-            counts = hits if counts is None else counts + hits
-        shares = counts / counts.sum(dim=-1, keepdim=True)
-        fractions[path.stem] = [[round(share, 4) for share in row] for row in shares.tolist()]
-    return fractions
-
-
-def model_card(settings: MoESettings, config: dict[str, Any]) -> str:
+def model_card(settings: MoESettings, variant_name: str, variant: MoEVariant, config: dict[str, Any]) -> str:
     experts = "\n".join(f"- `{e['source_model']}`" for e in config["experts"])
-    return f"""# Mixture of experts
+    return f"""# Mixture of experts `moe/{variant_name}`
 
-Made by this project's `moe` stage with mergekit-moe (Mixtral architecture, gate mode
-`{settings.gate_mode}`, {settings.experts_per_token} experts per token) from `moe.source: {settings.source}`:
+Made by this project's `moe@{variant_name}` stage with mergekit-moe (Mixtral architecture, gate mode
+`{settings.gate_mode}`, {settings.experts_per_token} experts per token) from source `{variant.source}`:
 
 {experts}
 
@@ -169,8 +150,25 @@ configuration is `mergekit_moe.yaml`.
 """
 
 
+def variant_sources(
+    variant: MoEVariant, params: Any, selection: Path, merged: Path, experts: Path, base_model: str
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(source name -> model folder, source name -> the SFT experts it stems from) of one variant."""
+    all_experts = list(params.finetune.experts)
+    if variant.source == "selected_merges":
+        selected = json.loads(selection.read_text())["selected"]
+        recipes = params.merge.recipes
+        return ({name: str(merged / name) for name in selected},
+                {name: recipes[name].experts or all_experts for name in selected})  # fmt: skip
+    if variant.source == "experts":
+        names = variant.experts or all_experts
+        return {name: str(experts / name) for name in names}, {name: [name] for name in names}
+    return {f"copy_{i}": base_model for i in range(variant.num_experts)}, {}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", required=True, help="a key of moe.variants")
     parser.add_argument("--selection", type=Path, required=True, help="the select stage's JSON")
     parser.add_argument("--merged", type=Path, required=True, help="folder of the merged model folders")
     parser.add_argument("--experts", type=Path, required=True, help="folder of the expert model folders")
@@ -179,29 +177,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--routing", type=Path, required=True, help="JSON: skill -> layer -> share per expert")
     args = parser.parse_args(argv)
-    params = start("moe")
-    settings = params.moe
-    all_experts = params.finetune.experts
-    datasets = {name: Path(expert.dataset) for name, expert in all_experts.items()}
-    if settings.source == "selected_merges":
-        selected = json.loads(args.selection.read_text())["selected"]
-        sources = {name: str(args.merged / name) for name in selected}
-        recipes = params.merge.recipes
-        parents = {name: recipes[name].experts or list(all_experts) for name in selected}
-    elif settings.source == "experts":
-        names = settings.experts or list(all_experts)
-        sources = {name: str(args.experts / name) for name in names}
-        parents = {name: [name] for name in names}
-    else:
-        sources = {f"copy_{i}": args.base_model for i in range(settings.num_experts)}
-        parents = {}
+    params = start(f"moe@{args.variant}")
+    # this variant and the shared keys: what the stage declares (other variants are not its inputs)
+    shared = {name: getattr(params.moe, name) for name in MoESettings.model_fields if name != "variants"}
+    settings = MoESettings(variants={args.variant: params.moe.variants[args.variant]}, **shared)
+    variant = settings.variants[args.variant]
+    datasets = {name: Path(expert.dataset) for name, expert in params.finetune.experts.items()}
+    sources, parents = variant_sources(variant, params, args.selection, args.merged, args.experts, args.base_model)
     configure_environment()
     routed_by_prompts = settings.gate_mode in ("hidden", "cheap_embed")
     prompts = expert_prompts(settings, sources, parents, datasets) if routed_by_prompts else {}
     config = moe_config(settings, sources, prompts, next(iter(sources.values())))
     log.info("building a %d-expert MoE from %s (gate %s)", len(sources), ", ".join(sources), settings.gate_mode)
-    build(settings, config, list(sources), settings.source == "base", args.out)
-    write_json(args.routing, {"experts": list(sources), "skills": routing_fractions(args.out, args.eval_sets)})
+    build(settings, args.variant, config, sources, args.out)
+    write_json(args.routing, routing_metrics(args.out, args.eval_sets))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json, write_text
+from pipeline.lineage import write_lineage
 from pipeline.params import ModelSettings, PretrainSettings
 from pipeline.stage import configure_environment, start
 
@@ -728,6 +729,7 @@ def run(
             export.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(settings, summary, n_params))
+            write_lineage(tmp, "base", "pretrain", "pretrain", [str(tokens_dir)], settings.model_dump(mode="json"))
         write_text(outputs.samples_path, samples_markdown(samples))
         live.end()
     if dist.enabled:

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow  # the whole pipeline, several times over: minutes
 
 EXPERTS = ["finetune@addition", "finetune@counting", "eval_expert@addition", "eval_expert@counting"]
 MERGES = ["merge@linear", "merge@ties", "eval_merge@linear", "eval_merge@ties", "select"]
-MOE = ["moe", "eval@moe", "moe_finetune@router", "eval_moe@router"]
+MOE = ["moe@merges", "eval_moe@merges", "moe_finetune@router", "eval_moe_trained@router"]
+DENSE = ["dense@multitask", "eval_dense@multitask"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         finetune__defaults__micro_batch_size=8,
         finetune__defaults__sequence_len=64,
         finetune__defaults__warmup_steps=1,
+        finetune__defaults__replay_rows=16,
         finetune__experts={
             "addition": {"dataset": "data/sft/addition.jsonl"},
             "counting": {"dataset": "data/sft/counting.jsonl"},
@@ -63,12 +65,15 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "ties": {"method": "ties", "parameters": {"weight": 0.5, "density": 0.5}},
         },
         select__top_k=2,
-        moe_finetune__defaults__max_steps=5,
-        moe_finetune__defaults__micro_batch_size=8,
-        moe_finetune__defaults__sequence_len=64,
-        moe_finetune__defaults__warmup_steps=1,
-        moe_finetune__mixture_rows=64,
-        moe_finetune__runs={"router": {"mode": "router"}},
+        moe__variants={"merges": {"source": "selected_merges"}},
+        mixture__defaults__max_steps=5,
+        mixture__defaults__micro_batch_size=8,
+        mixture__defaults__sequence_len=64,
+        mixture__defaults__warmup_steps=1,
+        mixture__defaults__replay_rows=16,
+        mixture__rows=64,
+        mixture__dense_runs={"multitask": {}},
+        mixture__moe_runs={"router": {"moe": "merges", "mode": "router"}},
     )
     commit_all(root)
     return root
@@ -76,7 +81,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_produces_every_output(project):
     result = dvc(project, "repro")
-    assert stages_run(result) == {"data", "tokenize", "pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES, *MOE}
+    expected = {"data", "tokenize", "pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES, *MOE, *DENSE}
+    assert stages_run(result) == expected
     for path in (
         "data/corpus/train.jsonl",
         "data/sft/counting.jsonl",
@@ -86,25 +92,31 @@ def test_repro_produces_every_output(project):
         "models/pretrain/model.safetensors",
         "metrics/pretrain_samples.md",
         "metrics/pretrain/plots/metrics/train/loss.tsv",
-        "metrics/eval/pretrain.json",
-        "metrics/eval_raw/pretrain/results.json",
+        "metrics/eval/base/pretrain.json",
+        "metrics/eval_raw/base/pretrain/results.json",
+        "metrics/eval_raw/base/pretrain/items.json",
         "metrics/report/index.html",
         "metrics/report/leaderboard.md",
         "metrics/report/skill_matrix.png",
-        "metrics/report/cards/pretrain.md",
-        "metrics/report/cards/counting.md",
+        "metrics/report/cards/base/pretrain.md",
+        "metrics/report/cards/expert/counting.md",
         "models/experts/addition/model.safetensors",
+        "models/experts/addition/lineage.json",
         "metrics/finetune/counting.json",
         "models/merged/ties/model.safetensors",
         "models/merged/ties/mergekit.yaml",
         "metrics/eval/merge/linear.json",
         "metrics/report/cards/merge/ties.md",
-        "models/moe/mergekit_moe.yaml",
+        "models/moe/merges/mergekit_moe.yaml",
         "models/moe_trained/router/model.safetensors",
-        "metrics/eval/moe.json",
-        "metrics/eval/moe_router.json",
-        "metrics/routing/moe_router.json",
+        "models/dense/multitask/model.safetensors",
+        "metrics/eval/moe/merges.json",
+        "metrics/eval/moe_trained/router.json",
+        "metrics/eval/dense/multitask.json",
+        "metrics/eval_raw/moe_trained/router/lineage.json",
+        "metrics/routing/moe_trained/router.json",
         "metrics/report/routing.png",
+        "metrics/headline.json",
     ):
         assert (project / path).is_file(), path
     metrics = json.loads(dvc(project, "metrics", "show", "--json").stdout)
@@ -113,7 +125,13 @@ def test_repro_produces_every_output(project):
     assert '"stories/acc"' in values
     selection = json.loads((project / "metrics/select.json").read_text())
     assert sorted(selection["selected"]) == ["linear", "ties"] and set(selection["scores"]) == {"linear", "ties"}
-    assert json.loads((project / "models/moe/moe_experts.json").read_text()) == selection["selected"]
+    assert json.loads((project / "models/moe/merges/moe_experts.json").read_text()) == selection["selected"]
+    # kinds and lineage are data written where each model is made, and reach the report
+    lineage = json.loads((project / "metrics/eval_raw/moe_trained/router/lineage.json").read_text())
+    assert (lineage["kind"], lineage["name"], lineage["parents"]) == ("moe_trained", "router", ["moe/merges"])
+    headline = json.loads((project / "metrics/headline.json").read_text())
+    assert {"dense/best_em", "moe_trained/best_em", "vs_dense/router/p_adj"} <= set(headline)
+    assert "Findings" in (project / "metrics/report/index.html").read_text()
     # Nothing generated may be left for git to commit.
     status = sh(project, "git", "status", "--porcelain").stdout
     assert not [line for line in status.splitlines() if re.search(r"(data|models|metrics)/(?!README)", line)], status
@@ -127,11 +145,12 @@ def test_second_repro_does_nothing(project):
 
 def test_changing_a_param_reruns_only_its_stages(project):
     evals = {"eval@pretrain", "eval_expert@addition", "eval_expert@counting", "report"}
-    evals |= {"eval_merge@linear", "eval_merge@ties", "select", "eval@moe", "eval_moe@router"}
+    evals |= {"eval_merge@linear", "eval_merge@ties", "select", "eval_moe@merges", "eval_moe_trained@router"}
+    evals |= {"eval_dense@multitask"}
     # the selection file carries the scores: when they move, the MoE is rebuilt, to the same
     # bytes, so its training never reruns
     set_params(project, eval__limit=3)
-    assert stages_run(dvc(project, "repro")) - {"moe"} == evals
+    assert stages_run(dvc(project, "repro")) - {"moe@merges"} == evals
 
     # one expert's setting: that expert, its eval, the merges and what follows; never the other expert
     set_params(project, finetune__experts__addition__learning_rate=0.001)
@@ -142,8 +161,12 @@ def test_changing_a_param_reruns_only_its_stages(project):
     assert stages_run(dvc(project, "repro")) == {"merge@ties", "eval_merge@ties", "select", *MOE, "report"}
 
     # the MoE training run's setting: that run and its eval only
-    set_params(project, moe_finetune__runs__router__learning_rate=0.001)
-    assert stages_run(dvc(project, "repro")) == {"moe_finetune@router", "eval_moe@router", "report"}
+    set_params(project, mixture__moe_runs__router__learning_rate=0.001)
+    assert stages_run(dvc(project, "repro")) == {"moe_finetune@router", "eval_moe_trained@router", "report"}
+
+    # the dense baseline's setting: that run and its eval only
+    set_params(project, mixture__dense_runs__multitask__learning_rate=0.001)
+    assert stages_run(dvc(project, "repro")) == {"dense@multitask", "eval_dense@multitask", "report"}
 
     # upstream settings: the stage itself reruns, and everything reading its output is then out
     # of date (the expert's cascade above already ran through merges and MoE; from here on single

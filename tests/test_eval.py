@@ -47,8 +47,9 @@ def test_raw_outputs_sit_beside_the_metrics(evaluated):
     assert "addition" in results["results"]
     rows = [json.loads(line) for line in (raw / "samples.jsonl").read_text().splitlines()]
     assert {row["task"] for row in rows} >= {"addition", "stories", "perplexity"}
-    # the tiny model folder has no lineage.json: kind and name come from the id
-    assert json.loads((raw / "lineage.json").read_text()) == {"kind": "base", "name": "pretrain", "parents": []}
+    # the pretrain stage wrote the model's lineage; the eval copies it next to the scores
+    lineage = json.loads((raw / "lineage.json").read_text())
+    assert (lineage["kind"], lineage["name"], lineage["stage"]) == ("base", "pretrain", "pretrain")
 
 
 def test_items_hold_one_outcome_per_item_and_average_to_the_metrics(evaluated):
@@ -69,10 +70,10 @@ def test_lineage_is_copied_from_the_model_folder(tmp_path):
     model.mkdir()
     lineage = {"kind": "moe_trained", "name": "full", "stage": "mixture_finetune@full", "parents": ["moe/experts"]}
     (model / "lineage.json").write_text(json.dumps(lineage))
-    evaluation.write_lineage(model, "moe_trained/full", tmp_path / "copy.json")
+    evaluation.copy_lineage(model, "moe_trained/full", tmp_path / "copy.json")
     assert (tmp_path / "copy.json").read_text() == (model / "lineage.json").read_text()
     with pytest.raises(SystemExit, match="--name is moe/full but .* names moe_trained/full"):
-        evaluation.write_lineage(model, "moe/full", tmp_path / "wrong.json")
+        evaluation.copy_lineage(model, "moe/full", tmp_path / "wrong.json")
 
 
 def test_model_id_needs_a_known_kind(tiny_data, tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.lineage import write_lineage
 from pipeline.params import MERGE_METHODS, MergeRecipe, SelectSettings, load_params
 from stages import merge
 from stages.select import select
@@ -20,7 +23,7 @@ def weights(folder) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def models(tiny_pretrained, tmp_path_factory):
-    """The tiny base and three 'experts': the base with different seeded perturbations."""
+    """The tiny base and three 'experts': the base with different seeded perturbations (lineage: expert)."""
     root = tmp_path_factory.mktemp("merge_inputs")
     base_dir = tiny_pretrained[1] / "model"
     folders = {"base": base_dir}
@@ -32,6 +35,7 @@ def models(tiny_pretrained, tmp_path_factory):
                 parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
         model.save_pretrained(root / name)
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(root / name)
+        write_lineage(root / name, "expert", name, f"finetune@{name}", ["base/pretrain"], {})
         folders[name] = root / name
     return folders
 
@@ -65,6 +69,10 @@ def test_linear_merge_with_equal_weights_is_the_average(models, tmp_path):
     assert merged.keys() == a.keys()
     for name, tensor in merged.items():
         torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, rtol=0, atol=1e-6)
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert (lineage["kind"], lineage["name"], lineage["stage"]) == ("merge", "test", "merge@test")
+    assert lineage["parents"] == ["expert/addition", "expert/sorting"]
+    assert lineage["settings"]["recipe"]["method"] == "linear"
 
 
 @pytest.mark.parametrize(

@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
-from pipeline.params import MoEFinetuneSettings, MoERun, MoESettings, SFTSettings
-from stages import finetune, moe, moe_finetune
+from pipeline import sft
+from pipeline.lineage import write_lineage
+from pipeline.params import MixtureSettings, MoERun, MoESettings, MoEVariant, Params, SFTSettings
+from pipeline.routing import EXPERT_NAMES, routing_fractions
+from stages import mixture_finetune, moe
 from tests.project import params_error
 
 
-def build_moe(settings: MoESettings, sources: dict[str, str], out, allow_all_same: bool = False, prompts=None):
+def build_moe(settings: MoESettings, variant: str, sources: dict[str, str], out, prompts=None):
     config = moe.moe_config(settings, sources, prompts or {}, next(iter(sources.values())))
-    moe.build(settings, config, list(sources), allow_all_same, out)
+    moe.build(settings, variant, config, sources, out)
     return out
 
 
 @pytest.fixture(scope="module")
 def copies_moe(tiny_pretrained, tmp_path_factory):
-    """A 3-expert MoE whose experts are all the tiny base model (a 'direct MoE')."""
+    """A 3-expert MoE whose experts are all the tiny base model (sparse upcycling)."""
     base = str(tiny_pretrained[1] / "model")
     out = tmp_path_factory.mktemp("moe") / "moe"
-    settings = MoESettings(source="base", num_experts=3, gate_mode="random")
-    return build_moe(settings, {f"copy_{i}": base for i in range(3)}, out, allow_all_same=True)
+    settings = MoESettings(variants={"upcycled": MoEVariant(source="base", num_experts=3)}, gate_mode="random")
+    sources, _ = moe.variant_sources(settings.variants["upcycled"], Params(), None, None, None, base)
+    return build_moe(settings, "upcycled", sources, out)
 
 
 def batch_loss(model, tokenizer) -> float:
@@ -49,13 +54,48 @@ def test_moe_keeps_the_intended_tokenizer_and_a_card(copies_moe, tiny_pretrained
     assert ours.pad_token == base.pad_token != ours.bos_token  # mergekit-moe would make it BOS
     assert ours.padding_side == base.padding_side == "right"
     assert ours.chat_template == base.chat_template
-    assert json.loads((copies_moe / moe.EXPERT_NAMES).read_text()) == ["copy_0", "copy_1", "copy_2"]
-    assert "gate mode\n`random`" in (copies_moe / "README.md").read_text()
+    assert json.loads((copies_moe / EXPERT_NAMES).read_text()) == ["copy_0", "copy_1", "copy_2"]
+    card = (copies_moe / "README.md").read_text()
+    assert "gate mode\n`random`" in card and "`moe/upcycled`" in card and "source `base`" in card
     assert (copies_moe / "mergekit_moe.yaml").is_file()
 
 
+def test_moe_folder_names_its_kind_and_its_sources(copies_moe, tiny_pretrained, tmp_path):
+    lineage = json.loads((copies_moe / "lineage.json").read_text())
+    assert (lineage["kind"], lineage["name"], lineage["stage"]) == ("moe", "upcycled", "moe@upcycled")
+    assert lineage["parents"] == ["base/pretrain"]  # three copies of one model: one parent
+    assert lineage["settings"]["variant"] == {"source": "base", "experts": None, "num_experts": 3}
+    assert lineage["settings"]["gate_mode"] == "random" and "variants" not in lineage["settings"]
+    # SFT experts as sources (Branch-Train-MiX): each expert's id is a parent
+    experts = tmp_path / "experts"
+    for name in ("addition", "sorting"):
+        shutil.copytree(tiny_pretrained[1] / "model", experts / name)
+        (experts / name / "lineage.json").unlink()
+        write_lineage(experts / name, "expert", name, f"finetune@{name}", ["base/pretrain"], {})
+    settings = MoESettings(variants={"btx": MoEVariant(source="experts", experts=["sorting", "addition"])})
+    sources, parents = moe.variant_sources(settings.variants["btx"], Params(), None, None, experts, "unused")
+    assert sources == {"sorting": str(experts / "sorting"), "addition": str(experts / "addition")}
+    assert parents == {"sorting": ["sorting"], "addition": ["addition"]}
+    lineage = json.loads((build_moe(settings, "btx", sources, tmp_path / "btx") / "lineage.json").read_text())
+    assert (lineage["kind"], lineage["name"]) == ("moe", "btx")
+    assert lineage["parents"] == ["expert/addition", "expert/sorting"]
+
+
+def test_selected_merges_variant_takes_the_selection(tmp_path):
+    selection = tmp_path / "select.json"
+    selection.write_text(json.dumps({"selected": ["ties", "linear"]}))
+    params = Params.model_validate({"merge": {"recipes": {
+        "ties": {"method": "ties", "parameters": {"weight": 0.5, "density": 0.5}},
+        "linear": {"method": "linear", "experts": ["addition", "sorting"], "parameters": {"weight": 1.0}},
+    }}})  # fmt: skip
+    variant = MoEVariant(source="selected_merges")
+    sources, parents = moe.variant_sources(variant, params, selection, tmp_path / "merged", None, "unused")
+    assert sources == {"ties": str(tmp_path / "merged/ties"), "linear": str(tmp_path / "merged/linear")}
+    assert parents == {"ties": ["addition", "sorting", "comparison", "counting"], "linear": ["addition", "sorting"]}
+
+
 def test_routing_shares_cover_every_skill_layer_and_expert(copies_moe, tiny_data):
-    shares = moe.routing_fractions(copies_moe, tiny_data / "eval", limit=8)
+    shares = routing_fractions(copies_moe, tiny_data / "eval", limit=8)
     assert set(shares) == {"addition", "comparison", "counting", "sorting"}
     for layers in shares.values():
         assert len(layers) == 2 and all(len(row) == 3 and sum(row) == pytest.approx(1, abs=1e-3) for row in layers)
@@ -73,12 +113,25 @@ def test_prompts_default_to_the_experts_sft_questions(tiny_data):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("moe: {source: experts, experts: [addition, sorting], experts_per_token: 3}",
-         "moe.experts_per_token 3 is more than the 2 experts"),
-        ("moe: {source: base, gate_mode: hidden}", "copies of the base have none: set moe.prompts for ['copy_0'"),
-        ("moe: {source: base}\nmoe_finetune: {runs: {}}", "only differs from that model after training"),
-        ("moe_finetune: {runs: {r: {mode: router, adapter: lora}}}", "set `mode`"),
-        ("moe_finetune: {mixture: {adition: 1}}", "'adition', which is not in finetune.experts"),
+        ("moe: {variants: {two: {source: experts, experts: [addition, sorting]}}, experts_per_token: 3}\n"
+         "mixture: {moe_runs: {}}",
+         "moe.experts_per_token 3 is more than the 2 experts that moe.variants.two gives"),
+        ("moe: {variants: {up: {source: base}}, gate_mode: hidden}\nmixture: {moe_runs: {r: {moe: up}}}",
+         "the copies of the base in moe.variants.up have none: set moe.prompts for ['copy_0'"),
+        ("mixture: {moe_runs: {merges: {moe: merges}, experts: {moe: experts}}}",
+         "moe.variants.upcycled copies one model into every expert: the MoE only differs from that model after "
+         "training, and no mixture.moe_runs entry trains it"),
+        ("mixture: {moe_runs: {up: {moe: upcycled}, r: {moe: expertz}}}",
+         "mixture.moe_runs.r.moe is 'expertz', not one of moe.variants (merges, experts, upcycled)"),
+        ("mixture: {moe_runs: {r: {moe: experts, mode: router, adapter: lora}}}",
+         "mixture.moe_runs.r: set `mode` (full, router or lora), not `adapter`"),
+        ("mixture: {weights: {adition: 1}}", "mixture.weights names 'adition', which is not in finetune.experts"),
+        ("mixture: {weights: {addition: 0}}", "mixture.weights: at least one weight must be positive"),
+        ("moe: {variants: {Big: {source: experts}}}\nmixture: {moe_runs: {}}",
+         "moe.variants.Big: use lowercase letters"),
+        ("mixture: {dense_runs: {multi-task: {}}}", "mixture.dense_runs.multi-task: use lowercase letters"),
+        ("moe: {variants: {m: {source: selected_merges}}}\nmerge: {recipes: {}}\nmixture: {moe_runs: {}}",
+         "moe.variants.m.source is selected_merges but merge.recipes is empty"),
     ],
 )  # fmt: skip
 def test_invalid_moe_settings_fail_before_any_work(tmp_path, text, expected):
@@ -96,23 +149,35 @@ def test_identical_prompts_in_hidden_mode_are_refused_before_building():
 
 def test_mixture_follows_the_weights(tiny_data, tmp_path):
     datasets = {s: tiny_data / f"sft/{s}.jsonl" for s in ("addition", "sorting", "counting")}
-    settings = MoEFinetuneSettings(mixture={"addition": 3, "sorting": 1, "counting": 0}, mixture_rows=200)
-    counts = moe_finetune.write_mixture(settings, datasets, 0, tmp_path / "mix.jsonl")
+    settings = MixtureSettings(weights={"addition": 3, "sorting": 1, "counting": 0}, rows=200)
+    counts = mixture_finetune.write_mixture(settings, datasets, 0, tmp_path / "mix.jsonl")
     assert counts == {"addition": 150, "sorting": 50}
     rows = [json.loads(line) for line in (tmp_path / "mix.jsonl").read_text().splitlines()]
     assert len(rows) == 200 and sum("plus" in r["messages"][0]["content"] for r in rows) == 150
 
 
+def test_each_mode_sets_what_it_trains():
+    defaults, settings = SFTSettings(), MixtureSettings()
+    assert mixture_finetune.mode_settings(MoERun(moe="experts", mode="lora"), defaults).adapter == "lora"
+    assert mixture_finetune.mode_settings(MoERun(moe="experts", mode="full"), defaults).adapter == "none"
+    router = mixture_finetune.mode_config(MoERun(moe="experts", mode="router"), settings)
+    assert router["unfrozen_parameters"] == [mixture_finetune.ROUTER_PARAMETERS]
+    assert router["model_config"] == {"output_router_logits": True, "router_aux_loss_coef": 0.02}
+    no_aux = settings.model_copy(update={"router_aux_loss_coef": 0.0})
+    assert mixture_finetune.mode_config(MoERun(moe="experts", mode="full"), no_aux) == {}
+
+
 def test_router_only_training_changes_only_the_gates(copies_moe, tiny_data, tmp_path):
-    run = MoERun(mode="router")
-    sft = moe_finetune.mode_settings(run, SFTSettings(max_steps=8, learning_rate=5e-2, micro_batch_size=8,
-                                                      sequence_len=64, warmup_steps=1, val_set_size=0.0))  # fmt: skip
-    settings = MoEFinetuneSettings(mixture_rows=64)
+    run = MoERun(moe="upcycled", mode="router")
+    sft_settings = mixture_finetune.mode_settings(run, SFTSettings(max_steps=8, learning_rate=5e-2, micro_batch_size=8,
+                                                  sequence_len=64, warmup_steps=1, val_set_size=0.0))  # fmt: skip
+    settings = MixtureSettings(rows=64)
     datasets = {s: tiny_data / f"sft/{s}.jsonl" for s in ("addition", "sorting")}
-    moe_finetune.write_mixture(settings, datasets, 0, tmp_path / "mix.jsonl")
-    summary = finetune.run(sft, "router", str(copies_moe), tmp_path / "mix.jsonl", tmp_path / "out", tmp_path / "work",
-                           tmp_path / "live", where="moe_finetune.runs.router",
-                           extra_config=moe_finetune.mode_config(run, settings))  # fmt: skip
+    mixture_finetune.write_mixture(settings, datasets, 0, tmp_path / "mix.jsonl")
+    target = sft.Target("moe_trained", "router", "moe_finetune@router", "mixture.moe_runs.router", tmp_path / "out",
+                        tmp_path / "work", tmp_path / "live")  # fmt: skip
+    extra_config = mixture_finetune.mode_config(run, settings)
+    summary = sft.run(sft_settings, str(copies_moe), tmp_path / "mix.jsonl", target, extra_config=extra_config)
     assert summary["steps"] == 8
     before = AutoModelForCausalLM.from_pretrained(copies_moe).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
@@ -126,3 +191,8 @@ def test_router_only_training_changes_only_the_gates(copies_moe, tiny_data, tmp_
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     ids = tokenizer(["What is 2 plus 3?", "Sort 3 1 2."], return_tensors="pt", padding=True)
     assert trained.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+    # the trained MoE names the MoE it started from, and its mode's training settings
+    lineage = json.loads((tmp_path / "out" / "lineage.json").read_text())
+    assert (lineage["kind"], lineage["name"], lineage["stage"]) == ("moe_trained", "router", "moe_finetune@router")
+    assert lineage["parents"] == ["moe/upcycled"]
+    assert lineage["settings"]["unfrozen_parameters"] == [mixture_finetune.ROUTER_PARAMETERS]

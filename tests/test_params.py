@@ -181,3 +181,12 @@ def test_make_check_cli_reports_bad_key(tmp_path):
 def test_pretrain_settings_are_checked_together(tmp_path, pretrain, expected):
     message = params_error(tmp_path, f"pretrain: {pretrain}\n")
     assert "pretrain" in message and expected in message
+
+
+def test_expert_names_need_only_be_plain(tmp_path):
+    """Model ids carry their kind (expert/moe is not moe/<variant>), so moe* and pretrain are expert names too."""
+    names = ("moe", "pretrain", "addition", "sorting")  # the default merge recipes name addition and sorting
+    text = "finetune:\n  experts:\n" + "".join(f"    {name}: {{dataset: data/sft/{name}.jsonl}}\n" for name in names)
+    assert list(load_params(write_params(tmp_path, text)).finetune.experts) == list(names)
+    message = params_error(tmp_path, "finetune:\n  experts:\n    Moe-1: {dataset: data/sft/addition.jsonl}\n")
+    assert "expert name 'Moe-1': use lowercase letters, digits and _" in message

@@ -1,0 +1,36 @@
+"""What a model is, written where it is made: `lineage.json` in every model folder.
+
+    {"kind": "moe_trained", "name": "experts", "stage": "moe_finetune@experts",
+     "parents": ["moe/experts"], "settings": {...}}
+
+The kind is one of pipeline.kinds.MODEL_KINDS and `<kind>/<name>` is the model's id in the eval
+metrics (metrics/eval/<kind>/<name>.json) and the report, which read this file instead of
+guessing from names or commands. Parents are ids, or paths for models made outside the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.kinds import MODEL_KINDS
+
+LINEAGE_FILE = "lineage.json"
+
+
+def model_id(folder: str | Path) -> str:
+    """The id a model folder declares, or its path when it declares none (a model from outside)."""
+    path = Path(folder) / LINEAGE_FILE
+    if not path.is_file():
+        return str(folder)
+    lineage = json.loads(path.read_text())
+    return f"{lineage['kind']}/{lineage['name']}"
+
+
+def write_lineage(folder: Path, kind: str, name: str, stage: str, parents: list[str], settings: Any) -> None:
+    """Write lineage.json into a model folder being built (`settings`: any JSON-able value)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind {kind!r} is not one of {MODEL_KINDS}")
+    lineage = {"kind": kind, "name": name, "stage": stage, "parents": parents, "settings": settings}
+    (folder / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")

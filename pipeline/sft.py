@@ -1,0 +1,358 @@
+"""One SFT code path for every model trained with axolotl: the experts, the dense baseline and the
+MoE training runs.
+
+`run()` turns validated SFT settings into an axolotl config (saved as axolotl.yaml with the
+model), runs `axolotl.cli.train` in a subprocess (and `axolotl.cli.merge_lora` for LoRA),
+checks while axolotl starts up (before it trains) and again in its prepared dataset that no more
+than `max_dropped_share` of the rows are too long for `sequence_len` (axolotl drops those
+without a word), and copies only the model files from axolotl's work folder into the output, so
+that an identical rerun gives identical output hashes (axolotl's own output folder also holds
+timestamped logs). With `replay_rows`, passages of pretraining text join the SFT rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+from pipeline.atomic import atomic_dir, dumps_json
+from pipeline.lineage import model_id, write_lineage
+from pipeline.params import PROJECT_ROOT, SFTSettings
+from pipeline.stage import DVCLIVE_DIR_VARIABLE
+
+log = logging.getLogger("pipeline.sft")
+
+DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "special_tokens_map.json")  # fmt: skip
+
+
+def use_bf16(settings: SFTSettings) -> bool:
+    import torch
+
+    if settings.precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return settings.precision == "bf16"
+
+
+def axolotl_config(
+    settings: SFTSettings, base_model: str, dataset: str, work_dir: Path, bf16: bool, replay: str | None = None
+) -> dict[str, Any]:
+    """The axolotl configuration for one expert (keys as in axolotl's config reference)."""
+    datasets = [
+        {
+            # as given: a relative path resolves against the project root, where axolotl
+            # runs, so the saved config does not depend on where the project is checked out
+            "path": dataset,
+            "ds_type": dataset_format(dataset),
+            "type": "chat_template",
+            "field_messages": "messages",
+        }
+    ]
+    if replay:
+        # plain text, language-model loss on every token (axolotl's `completion` type)
+        datasets.append({"path": replay, "ds_type": "json", "type": "completion", "field": "text"})
+    config: dict[str, Any] = {
+        "base_model": base_model,
+        "datasets": datasets,
+        "chat_template": "tokenizer_default",
+        # loss on the assistant's answer (and its end-of-turn token) only; the prompt is masked
+        "roles_to_train": ["assistant"],
+        "train_on_eos": "turn",
+        "sequence_len": settings.sequence_len,
+        "sample_packing": settings.sample_packing,
+        "pad_to_multiple_of": settings.pad_to_multiple_of,
+        "micro_batch_size": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "max_steps": settings.max_steps,
+        "learning_rate": settings.learning_rate,
+        "optimizer": settings.optimizer,
+        "weight_decay": settings.weight_decay,
+        "lr_scheduler": settings.lr_scheduler,
+        "warmup_steps": settings.warmup_steps,
+        "val_set_size": settings.val_set_size,
+        "eval_steps": settings.max_steps if settings.val_set_size else None,  # one eval, at the end
+        "seed": settings.seed,
+        "output_dir": str(work_dir / "output"),
+        "dataset_prepared_path": str(work_dir / "prepared"),
+        "logging_steps": max(1, min(10, settings.max_steps // 10)),
+        # quoted: axolotl reads YAML 1.1, where a bare `no` is the boolean false
+        "save_strategy": DoubleQuotedScalarString("no"),
+        "bf16": bf16,
+        "fp16": False,  # on CPU axolotl would otherwise pick fp16 and fail on a dtype mismatch
+        "tf32": False,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "plugins": ["pipeline.axolotl_dvclive.DVCLivePlugin"],
+    }
+    config["attn_implementation"] = "flash_attention_2" if settings.flash_attention else "sdpa"
+    if settings.adapter == "lora":
+        config.update(
+            adapter="lora",
+            lora_r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            lora_target_linear=settings.lora_target_linear,
+            # axolotl's Triton LoRA kernels need CUDA
+            lora_mlp_kernel=bf16,
+            lora_qkv_kernel=bf16,
+            lora_o_kernel=bf16,
+        )
+    return {key: value for key, value in config.items() if value is not None}
+
+
+def dataset_format(dataset: str | Path) -> str:
+    """axolotl's `ds_type` for a local file."""
+    suffix = Path(dataset).suffix
+    if suffix not in DATASET_FORMATS:
+        raise SystemExit(f"error: SFT dataset {dataset}: use a {', '.join(DATASET_FORMATS)} file of chat messages")
+    return DATASET_FORMATS[suffix]
+
+
+def write_replay(text_file: Path, base_model: str, settings: SFTSettings, out: Path) -> None:
+    """Draw settings.replay_rows passages of text_file (seeded) into out (jsonl, `text`).
+
+    A passage is one or more whole sentences of a document, at most replay_max_tokens (and
+    sequence_len) tokens long: as short as the SFT rows, so that batches padded to their longest
+    row stay short. Each passage is exactly one training row, so the rows axolotl keeps can still
+    be checked against the SFT dataset's. The tokenizer is read with the `tokenizers` library
+    (fast to import): axolotl starts only once this file exists.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(base_model) / "tokenizer.json"))
+    documents = read_texts(text_file)
+    order = list(range(len(documents)))
+    random.Random(settings.seed).shuffle(order)
+    # a passage longer than sequence_len would be cut into several rows (axolotl's completion
+    # type splits texts into sequence_len pieces), and the rows kept could no longer be checked
+    max_tokens = min(settings.replay_max_tokens, settings.sequence_len)
+    passages: list[str] = []
+    for index in order:
+        sentences = re.split(r"(?<=[.!?])\s+", documents[index].strip())
+        passage = ""
+        for sentence in sentences:
+            longer = f"{passage} {sentence}".strip()
+            # +1: axolotl appends the end-of-text token
+            if len(tokenizer.encode(longer).ids) + 1 <= max_tokens:
+                passage = longer
+                continue
+            if passage:
+                passages.append(passage)
+            short_enough = len(tokenizer.encode(sentence).ids) + 1 <= max_tokens
+            passage = sentence if short_enough else ""
+        if passage:
+            passages.append(passage)
+        if len(passages) >= settings.replay_rows:
+            break
+    if len(passages) < settings.replay_rows:
+        raise SystemExit(
+            f"error: replay_rows is {settings.replay_rows}, but {text_file} gives only {len(passages)} passages "
+            f"of at most {max_tokens} tokens (replay_max_tokens {settings.replay_max_tokens}, sequence_len "
+            f"{settings.sequence_len}): lower replay_rows or raise replay_max_tokens"
+        )
+    out.write_text("".join(json.dumps({"text": text}) + "\n" for text in passages[: settings.replay_rows]))
+
+
+def read_texts(path: Path) -> list[str]:
+    """The `text` column of a .jsonl or .parquet file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_table(path, columns=["text"]).column("text").to_pylist()
+    if path.suffix != ".jsonl":
+        raise SystemExit(f"error: finetune.replay_text {path}: use a .jsonl or .parquet file with a `text` column")
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def count_long_rows(dataset: Path, tokenizer: Any, sequence_len: int) -> tuple[int, int]:
+    """(rows, rows longer than sequence_len once rendered with the chat template)."""
+    from datasets import load_dataset
+
+    rows = load_dataset(dataset_format(dataset), data_files=str(dataset), split="train")
+    if "messages" not in rows.column_names:
+        raise SystemExit(f"error: SFT dataset {dataset} has no `messages` column (columns: {rows.column_names})")
+    lengths = [len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+               for messages in rows["messages"]]  # fmt: skip
+    too_long = sum(length > sequence_len for length in lengths)
+    return len(lengths), too_long
+
+
+def check_dropped(settings: SFTSettings, dataset: Path, where: str, rows: int, dropped: int, when: str) -> None:
+    """`where`: the params key of the run's settings (finetune.experts.<expert>, moe_finetune.runs.<run>)."""
+    if not rows:
+        raise SystemExit(f"error: {where}: dataset {dataset} has no rows")
+    if dropped == rows or dropped / rows > settings.max_dropped_share:
+        defaults = where.split(".")[0] + ".defaults"
+        raise SystemExit(
+            f"error: {dropped} of {rows} rows of {dataset} {when} longer than sequence_len {settings.sequence_len} "
+            f"tokens; axolotl drops them (max_dropped_share is {settings.max_dropped_share}). Raise "
+            f"{where}.sequence_len (or {defaults}.sequence_len), or max_dropped_share."
+        )
+
+
+def prepared_rows(work_dir: Path) -> int:
+    """Rows axolotl kept: its prepared (tokenized and filtered) dataset, before the val split."""
+    from datasets import load_from_disk
+
+    (prepared,) = [p for p in (work_dir / "prepared").iterdir() if p.is_dir()]
+    return len(load_from_disk(str(prepared)))
+
+
+def start_axolotl(module: str, config_path: Path, live_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, DVCLIVE_DIR_VARIABLE: str(live_dir.resolve()),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    command = [sys.executable, "-m", module, str(config_path), *extra]
+    log.info("running %s", " ".join(command))
+    return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT)
+
+
+def wait_for_axolotl(process: subprocess.Popen) -> None:
+    if process.wait() != 0:
+        command = " ".join(process.args[1:])
+        raise SystemExit(f"error: `{command}` failed with exit code {process.returncode} (its log is above)")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one SFT run makes and where its files go."""
+
+    kind: str  # pipeline.kinds.MODEL_KINDS: expert, dense or moe_trained
+    name: str
+    stage: str  # the dvc.yaml stage, e.g. finetune@addition
+    where: str  # the params key of the run's settings, named in errors
+    out_dir: Path  # the model folder
+    work_dir: Path  # axolotl's scratch folder, removed at the end
+    live_dir: Path  # dvclive curves
+
+
+def run(
+    settings: SFTSettings,
+    base_model: str,
+    dataset: Path,
+    target: Target,
+    *,
+    replay_text: Path | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune base_model on dataset; write the model folder and its curves; return summary metrics.
+
+    extra_config: axolotl keys on top of the generated ones (the MoE runs' modes). With
+    settings.replay_rows, that many passages of replay_text join the SFT rows.
+    """
+    work_dir, where = target.work_dir, target.where
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    replay = None
+    if settings.replay_rows:
+        if replay_text is None:
+            raise ValueError(f"{where}: replay_rows is {settings.replay_rows} but no replay_text was given")
+        replay = work_dir / "replay.jsonl"
+        write_replay(replay_text, base_model, settings, replay)
+    config = {
+        **axolotl_config(settings, base_model, str(dataset), work_dir, use_bf16(settings), replay and str(replay)),
+        **(extra_config or {}),
+    }
+    config_path = work_dir / "axolotl.yaml"
+    with open(config_path, "w") as handle:
+        YAML().dump(config, handle)
+    # The curves go to the work folder first and replace live_dir only when all went well.
+    work_live = work_dir / "live"
+    # axolotl spends its first ~10 s importing, on one core: the data check runs meanwhile on
+    # the other. A failed check stops axolotl before it has trained.
+    training = start_axolotl("axolotl.cli.train", config_path, work_live)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        rows, too_long = count_long_rows(dataset, tokenizer, settings.sequence_len)
+        check_dropped(settings, dataset, where, rows, too_long, "are")
+    except BaseException:
+        training.kill()
+        training.wait()
+        shutil.rmtree(work_dir)
+        raise
+    log.info("%d rows, %d longer than %d tokens", rows, too_long, settings.sequence_len)
+    wait_for_axolotl(training)
+    kept = prepared_rows(work_dir) - settings.replay_rows
+    check_dropped(settings, dataset, where, rows, rows - kept, "were")  # what axolotl really did
+    trained = work_dir / "output"
+    if settings.adapter == "lora":
+        wait_for_axolotl(start_axolotl("axolotl.cli.merge_lora", config_path, work_live, f"--lora-model-dir={trained}"))
+        trained = trained / "merged"
+
+    with atomic_dir(target.out_dir) as tmp:
+        for path in sorted(trained.iterdir()):
+            if (
+                path.name in MODEL_FILES
+                or path.suffix == ".safetensors"
+                or path.name.endswith(".safetensors.index.json")
+            ):
+                shutil.copy2(path, tmp / path.name)
+        if "model_config" in config:
+            restore_model_config(tmp / "config.json", Path(base_model) / "config.json", config["model_config"])
+        shutil.copy2(config_path, tmp / "axolotl.yaml")
+        summary = {**summarize(work_live), "data/rows": rows, "data/rows_trained_on": kept,
+                   "data/replay_rows": settings.replay_rows}  # fmt: skip
+        (tmp / "README.md").write_text(model_card(target, base_model, str(dataset), settings, summary))
+        lineage_settings = {"sft": settings.model_dump(mode="json"), "dataset": str(dataset), **(extra_config or {})}
+        write_lineage(tmp, target.kind, target.name, target.stage, [model_id(base_model)], lineage_settings)
+    if target.live_dir.exists():
+        shutil.rmtree(target.live_dir)
+    target.live_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(work_live, target.live_dir)
+    shutil.rmtree(work_dir)
+    return summary
+
+
+def restore_model_config(config_path: Path, base_config_path: Path, overrides: dict[str, Any]) -> None:
+    """Undo axolotl's training-time `model_config` overrides in the saved config.json.
+
+    They are training settings (e.g. Mixtral's output_router_logits for the load-balancing
+    loss), which would otherwise stay on for inference and break generation with a KV cache.
+    """
+    saved, base = json.loads(config_path.read_text()), json.loads(base_config_path.read_text())
+    for key in overrides:
+        if key in base:
+            saved[key] = base[key]
+        else:
+            saved.pop(key, None)
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def summarize(live_dir: Path) -> dict[str, Any]:
+    """Last train loss and eval loss, from the dvclive summary the plugin wrote."""
+    values = json.loads((live_dir / "metrics.json").read_text())
+    summary = {f"{group}/loss": round(values[group]["loss"], 4) for group in ("train", "eval") if group in values}
+    summary["steps"] = values.get("step")
+    return summary
+
+
+def model_card(target: Target, base_model: str, dataset: str, settings: SFTSettings, summary: dict[str, Any]) -> str:
+    return f"""# `{target.kind}/{target.name}`
+
+Trained by this project's `{target.stage}` stage with axolotl from `{base_model}` on
+`{dataset}` (loss on the answers only). The generated axolotl config is `axolotl.yaml`.
+
+## Final metrics
+
+```json
+{dumps_json(summary)}```
+
+## SFT settings
+
+```json
+{dumps_json(settings.model_dump(mode="json"))}```
+"""
