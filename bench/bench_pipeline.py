@@ -1,6 +1,7 @@
 """The whole default experiment from a fresh clone: `dvc repro` timed stage by stage.
 
     python -m bench.bench_pipeline      (or `make bench`)
+    python -m bench.bench_pipeline --set finetune.defaults.seed=1 --keep /tmp/seed1   (another seed, kept)
 
 Clones the committed project into a temporary folder, runs `dvc repro` there exactly as
 `make run` does (same environment, nothing cached), stamps the time at which DVC starts each
@@ -11,6 +12,7 @@ axolotl, lm-eval, mergekit; a DVC call), so the table shows where time goes.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -68,11 +70,34 @@ def startup_seconds(statement: str) -> float:
     return time.perf_counter() - started
 
 
+def set_params(project: Path, assignments: list[str]) -> None:
+    """KEY=VALUE (dotted key, YAML value) into the clone's params.yaml, keeping its comments."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    params = yaml.load((project / "params.yaml").read_text())
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        *parents, leaf = key.split(".")
+        node = params
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = YAML(typ="safe").load(value)
+    with open(project / "params.yaml", "w") as handle:
+        yaml.dump(params, handle)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE: change a setting in the clone")
+    parser.add_argument("--keep", type=Path, help="clone into this new folder and keep it (its outputs and cache)")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp) / "project"
+        project = args.keep or Path(tmp) / "project"
         subprocess.run(["git", "clone", "-q", str(PROJECT_ROOT), str(project)], check=True)
-        print(f"dvc repro of the default params.yaml in a fresh clone ({project}):")
+        set_params(project, args.set)
+        print(f"dvc repro of the default params.yaml{' with ' + ', '.join(args.set) if args.set else ''} in a fresh "
+              f"clone ({project}):")  # fmt: skip
         stages, total = timed_repro(project)
     kinds: dict[str, list[float]] = defaultdict(list)
     for stage, seconds in stages.items():

@@ -40,7 +40,10 @@ def routing_fractions(model_dir: Path, eval_dir: Path, limit: int = 64) -> dict[
     return fractions
 
 
-def routing_metrics(model_dir: Path, eval_dir: Path) -> dict:
-    """The routing JSON of a MoE folder: its experts' names and each skill's shares."""
-    names = json.loads((model_dir / EXPERT_NAMES).read_text())
+def routing_metrics(model_dir: Path, eval_dir: Path, built: Path | None = None) -> dict:
+    """The routing JSON of a MoE folder: its experts' names and each skill's shares.
+
+    built: the mergekit-moe folder that names the experts, when model_dir is a trained copy of it.
+    """
+    names = json.loads(((built or model_dir) / EXPERT_NAMES).read_text())
     return {"experts": names, "skills": routing_fractions(model_dir, eval_dir)}

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     summary.update({f"mixture/{name}": count for name, count in counts.items()})
     write_json(args.metrics, summary)
     if args.kind == "moe":
-        write_json(args.routing, routing_metrics(args.out, args.eval_sets))
+        write_json(args.routing, routing_metrics(args.out, args.eval_sets, built=Path(args.start)))
 
 
 if __name__ == "__main__":
