@@ -321,7 +321,9 @@ def headline(models: dict[str, Model], tests: list[PairedTest]) -> dict[str, flo
         if test.pair.in_headline:
             numbers[f"{test.pair.key}/diff"] = test.score_a.value - test.score_b.value
             numbers[f"{test.pair.key}/p_adj"] = test.p_adjusted
-    return {key: round(value, 4) for key, value in sorted(numbers.items())}
+    # p-values to two significant digits (1.6e-15, not 0.0); scores and differences to 4 decimals
+    return {key: float(f"{value:.2g}") if key.endswith("/p_adj") else round(value, 4)
+            for key, value in sorted(numbers.items())}  # fmt: skip
 
 
 def intro(models: dict[str, Model]) -> str:
