@@ -105,7 +105,9 @@ def test_exact_match_agrees_with_direct_greedy_generation(tiny_pretrained, tiny_
     eval_dir.mkdir()
     (eval_dir / "addition.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     settings = EvalSettings(tasks=["skills"], max_gen_tokens=16)
-    metrics = evaluation.run(settings, model_dir, eval_dir, tiny_data / "corpus", tmp_path / "raw", model_id="base/m")
+    metrics = evaluation.run(
+        settings, model_dir, eval_dir, tiny_data / "corpus", tmp_path / "raw", model_id="base/pretrain"
+    )
     assert metrics["addition/exact_match"] == 0.5
     items = json.loads((tmp_path / "raw" / "items.json").read_text())
     assert items["addition/exact_match"] == [1, 0] * 5  # each item's outcome, in the eval set's order
