@@ -56,6 +56,7 @@ check: install  ## validate params.yaml and dvc.yaml's params declarations; no c
 bench: install  ## throughput figures (not tests)
 	$(BIN)/python -m bench.bench_tokenize
 	$(BIN)/python -m bench.bench_pretrain
+	$(BIN)/python -m bench.bench_compute
 	$(BIN)/python -m bench.bench_finetune
 	$(BIN)/python -m bench.bench_pipeline
 
@@ -69,4 +70,4 @@ clean:  ## remove generated outputs (not the venv, not the DVC cache)
 	rm -rf data/hub metrics/hub data/corpus data/sft data/eval data/tokens models/tokenizer models/pretrain models/pretrain_checkpoints \
 	  models/experts models/merged models/moe models/dense models/moe_trained models/.finetune_work metrics/*.json \
 	  metrics/pretrain metrics/pretrain_samples.md metrics/finetune metrics/dense metrics/moe_finetune metrics/routing \
-	  metrics/eval metrics/eval_raw metrics/report
+	  metrics/eval metrics/eval_raw metrics/report logs

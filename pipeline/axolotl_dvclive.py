@@ -14,6 +14,7 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
+from pipeline.curves import curve_logger
 from pipeline.stage import DVCLIVE_DIR_VARIABLE, skip_final_garbage_collection
 
 skip_final_garbage_collection()  # in axolotl's process too, which loads this plugin
@@ -23,11 +24,7 @@ CURVES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate":
 
 class DVCLiveLogger(TrainerCallback):
     def __init__(self, folder: str):
-        from dvclive import Live
-
-        # No dvc.yaml rewrites and no experiment commits from inside a stage: the stage
-        # declares these curves in dvc.yaml itself.
-        self.live = Live(dir=folder, save_dvc_exp=False, dvcyaml=False, report=None)
+        self.live = curve_logger(folder)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -36,10 +33,6 @@ class DVCLiveLogger(TrainerCallback):
         for key, name in CURVES.items():
             if isinstance(logs.get(key), int | float):
                 self.live.log_metric(name, logs[key])
-        self.live.make_summary()
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.live.end()
 
 
 class DVCLivePlugin(BasePlugin):

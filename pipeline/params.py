@@ -17,6 +17,9 @@ from ruamel.yaml import YAML
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SKILLS = ("addition", "sorting", "comparison", "counting")
+# Where users put their own files that settings name (a local corpus, eval task data, a base
+# model's folder): every stage that may read such a file depends on this folder (dvc.yaml).
+LOCAL_INPUTS = "data/local"
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
@@ -196,6 +199,26 @@ class ModelSettings(Section):
         return self
 
 
+class ComputeSettings(Section):
+    """How every stage that computes with torch does it on a CPU (read by pipeline/stage.py).
+
+    Both settings decide the bytes of the results, so every such stage declares this section.
+    """
+
+    portable_kernels: bool = Field(
+        True,
+        description="Run the AVX2 code paths of torch, MKL and oneDNN on every x86 CPU, so Intel (AVX-512) and "
+        "AMD machines can compute the same bytes (slower where wider units exist: README, Reproducibility). "
+        "false: each CPU's fastest kernels, bitwise repeatable on that machine only.",
+    )
+    threads: int | None = Field(
+        2,
+        ge=1,
+        description="CPU threads per process (torch, OpenMP, MKL). Reductions split work by thread, so results "
+        "depend on it. null: every core (divided among the processes under torchrun).",
+    )
+
+
 class PretrainSettings(Section):
     """`pretrain` stage: train the model from scratch on the token files (python -m stages.pretrain)."""
 
@@ -233,9 +256,6 @@ class PretrainSettings(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile the model (pays on GPU; on a 2-core CPU it does not).")
-    threads: int | None = Field(
-        None, ge=1, description="torch CPU threads per process (fixed threads make CPU runs bitwise repeatable)."
-    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="How to train under torchrun with several processes: DistributedDataParallel or FSDP."
     )
@@ -691,6 +711,7 @@ class Params(Section):
     hub: dict[str, HubSource] = Field(
         default_factory=dict, description="Name -> hub repository snapshot; each is a hub@<name> stage."
     )
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     tokenize: TokenizeSettings = Field(default_factory=TokenizeSettings)
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
@@ -853,6 +874,11 @@ def load_params(path: Path | str = PROJECT_ROOT / "params.yaml") -> Params:
 
 def declared_params(stage: str, root: Path = PROJECT_ROOT) -> list[str]:
     """The params.yaml keys that `stage` (e.g. 'tokenize', 'finetune@addition') declares in dvc.yaml."""
+    return declared(stage, root)[0]
+
+
+def declared(stage: str, root: Path = PROJECT_ROOT) -> tuple[list[str], list[Path]]:
+    """(params keys, file and folder dependencies) that `stage` declares in dvc.yaml."""
     from dvc.repo import Repo  # imported here: DVC takes a second to import
 
     with Repo(str(root)) as repo:
@@ -860,10 +886,50 @@ def declared_params(stage: str, root: Path = PROJECT_ROOT) -> list[str]:
             (resolved,) = repo.stage.collect(stage)
         except Exception as error:
             raise ParamsError(f"dvc.yaml: no stage named {stage!r}: {error}") from None
-        keys: list[str] = []
-        for dep in resolved.deps:
-            keys.extend(getattr(dep, "params", None) or [])
-        return keys
+        return stage_params(resolved), stage_files(resolved)
+
+
+def stage_params(stage: Any) -> list[str]:
+    return [key for dep in stage.deps for key in (getattr(dep, "params", None) or [])]
+
+
+def stage_files(stage: Any) -> list[Path]:
+    return [Path(dep.fs_path) for dep in stage.deps if getattr(dep, "params", None) is None]
+
+
+def input_paths(params: Params, root: Path = PROJECT_ROOT) -> dict[str, Path]:
+    """The settings that name a file or folder some stage reads: dotted key -> absolute path."""
+    named: dict[str, str | None] = {
+        "finetune.base_model": params.finetune.base_model,
+        "finetune.replay_text": params.finetune.replay_text,
+    }
+    if params.data.corpus.source == "local":
+        named["data.corpus.path"] = params.data.corpus.path
+    if params.tokenize.base_model and (root / params.tokenize.base_model).exists():  # else a hub id
+        named["tokenize.base_model"] = params.tokenize.base_model
+    for name, expert in params.finetune.experts.items():
+        named[f"finetune.experts.{name}.dataset"] = expert.dataset
+    for task, splits in params.eval.task_data.items():
+        named.update({f"eval.task_data.{task}.{split}": path for split, path in splits.items()})
+    return {key: root / path for key, path in named.items() if path}
+
+
+def undeclared_inputs(stage: str, keys: list[str], files: list[Path], params: Params, root: Path) -> list[str]:
+    """Files that `stage` reads through its settings but does not depend on: DVC would not rerun it
+    when they change. Each is named with its setting and the ways to fix it."""
+    problems = []
+    for key, path in input_paths(params, root).items():
+        if not any(key == k or key.startswith(k + ".") for k in keys):
+            continue  # a setting this stage does not read
+        if any(path == dep or path.is_relative_to(dep) for dep in files):
+            continue
+        shown = path.relative_to(root) if path.is_relative_to(root) else path
+        problems.append(
+            f"{key} is {str(shown)!r}, which stage {stage!r} reads but does not depend on in dvc.yaml, so DVC "
+            f"would not rerun it when that changes. Put the file under {LOCAL_INPUTS}/ (a dependency of every "
+            "stage that reads files named in params.yaml) or add it to the stage's deps."
+        )
+    return problems
 
 
 class DeclaredView:
@@ -888,6 +954,10 @@ class DeclaredView:
             "stage when it changes"
         )
 
+    def declares(self, key: str) -> bool:
+        """Whether the stage declares `key` (a dotted params.yaml key) itself."""
+        return key in self._declared
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
@@ -898,10 +968,14 @@ class DeclaredView:
 
 
 def load_stage_params(stage: str, params_path: Path | None = None, root: Path = PROJECT_ROOT) -> Any:
-    """Validate params.yaml, then return a view limited to what `stage` declares in dvc.yaml."""
+    """Validate params.yaml, check that every file its settings name for `stage` is a dependency,
+    then return a view limited to the settings `stage` declares in dvc.yaml."""
     params = load_params(params_path or root / "params.yaml")
-    declared = frozenset(declared_params(stage, root))
-    return DeclaredView(params, "", declared, stage)
+    keys, files = declared(stage, root)
+    problems = undeclared_inputs(stage, keys, files, params, root)
+    if problems:
+        raise ParamsError("\n".join(problems))
+    return DeclaredView(params, "", frozenset(keys), stage)
 
 
 def _lookup(node: Any, key: str) -> Any:
@@ -922,7 +996,8 @@ def check(root: Path = PROJECT_ROOT) -> list[str]:
         except Exception as error:  # DVC's parse errors for dvc.yaml come in several types
             raise ParamsError(f"dvc.yaml cannot be resolved against params.yaml: {error}") from None
         for stage in stages:
-            keys = [key for dep in stage.deps for key in (getattr(dep, "params", None) or [])]
+            keys = stage_params(stage)
+            problems.extend(undeclared_inputs(stage.addressing, keys, stage_files(stage), params, root))
             for key in keys:
                 try:
                     _lookup(params, key)

@@ -28,6 +28,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from pipeline.atomic import atomic_dir, dumps_json
+from pipeline.curves import last_value
 from pipeline.lineage import model_id, write_lineage
 from pipeline.params import PROJECT_ROOT, SFTSettings
 from pipeline.stage import DVCLIVE_DIR_VARIABLE
@@ -333,10 +334,12 @@ def restore_model_config(config_path: Path, base_config_path: Path, overrides: d
 
 
 def summarize(live_dir: Path) -> dict[str, Any]:
-    """Last train loss and eval loss, from the dvclive summary the plugin wrote."""
-    values = json.loads((live_dir / "metrics.json").read_text())
-    summary = {f"{group}/loss": round(values[group]["loss"], 4) for group in ("train", "eval") if group in values}
-    summary["steps"] = values.get("step")
+    """Last train loss and eval loss, and the last step, from the curves the plugin wrote."""
+    summary: dict[str, Any] = {"steps": None}
+    for name in ("train/loss", "eval/loss"):
+        if last := last_value(live_dir, name):
+            summary[name] = round(last[1], 4)
+            summary["steps"] = max(summary["steps"] or 0, last[0])
     return summary
 
 

@@ -6,10 +6,11 @@ import atexit
 import gc
 import logging
 import os
+import sys
 import warnings
 from typing import Any
 
-from pipeline.params import PROJECT_ROOT, ParamsError, load_stage_params
+from pipeline.params import PROJECT_ROOT, ComputeSettings, ParamsError, load_stage_params
 
 log = logging.getLogger("pipeline")
 
@@ -38,6 +39,37 @@ def configure_environment(*, hub_access: bool = False) -> None:
         os.environ.setdefault(name, value)
 
 
+# The x86 code paths that every CPU of the project's machine kinds can run (Intel Xeon with
+# AVX-512, AMD EPYC): torch's own kernels, MKL's (its reproducible CNR mode) and oneDNN's.
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def configure_compute(settings: ComputeSettings) -> None:
+    """Fix the CPU kernels and thread count for this process and the ones it starts (axolotl).
+
+    torch, MKL and oneDNN read these variables once, at their first operation: this must run
+    before any tensor is made. Unlike configure_environment, the settings win over the
+    environment, since they decide the bytes of the results and DVC tracks them.
+    """
+    for name in PORTABLE_KERNELS:
+        os.environ.pop(name, None)
+    if settings.portable_kernels:
+        os.environ.update(PORTABLE_KERNELS)
+    threads = settings.threads
+    if threads is None:  # every core, shared among the processes torchrun started on this machine
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
+    if "torch" in sys.modules:  # imported at the top of the stage module: set it, then check the kernels
+        import torch
+
+        torch.set_num_threads(threads)
+        capability = torch.backends.cpu.get_cpu_capability()
+        if settings.portable_kernels and capability not in ("AVX2", "DEFAULT", "NO AVX"):
+            raise RuntimeError(f"torch already chose its {capability} kernels: configure_compute came too late")
+    log.info("compute: %s kernels, %d threads", "portable (AVX2)" if settings.portable_kernels else "native", threads)
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -61,7 +93,10 @@ def skip_final_garbage_collection() -> None:
 
 
 def start(stage: str) -> Any:
-    """Set up logging and return the settings `stage` declares; exit with the message on bad params."""
+    """Set up logging and return the settings `stage` declares; exit with the message on bad params.
+
+    A stage that declares `compute` gets its kernels and threads fixed here (configure_compute).
+    """
     skip_final_garbage_collection()
     setup_logging()
     try:
@@ -69,4 +104,6 @@ def start(stage: str) -> Any:
     except ParamsError as error:
         raise SystemExit(f"error: {error}") from None
     log.info("stage %s: settings validated", stage)
+    if params.declares("compute"):
+        configure_compute(params.compute)
     return params

@@ -5,9 +5,10 @@
         --raw metrics/eval_raw/expert/addition --metrics metrics/eval/expert/addition.json
 
 dvc.yaml runs it once per model; `--name` is the model's id, `<kind>/<name>` (pipeline/kinds.py).
-The embedded tasks are generated as lm-eval task YAMLs over the local eval sets and saved in the
-raw folder next to lm-eval's full results and per-item samples (those carry dates, so they are not
-DVC metrics). Two stable files sit beside them for the report:
+The embedded tasks are generated as lm-eval task YAMLs over the local eval sets in a scratch
+folder (paths as given: relative to the project in dvc.yaml); the raw folder gets lm-eval's full
+results (the task configurations included), less what differs between identical runs
+(VOLATILE_RESULTS), and its per-item samples. Two more files sit beside them for the report:
 - items.json: `task/metric` -> 0/1 per item in doc_id order, for every binary metric
   (exact_match, acc, acc_norm) and the pooled `all_skills/...` items: what confidence intervals
   and paired tests need;
@@ -31,6 +32,7 @@ import argparse
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +64,16 @@ def question_prompt(settings: EvalSettings) -> str:
     return "{{question}}" if settings.apply_chat_template else "Q: {{question}}\nA:\n"
 
 
+# lm-eval's results keys that differ between identical runs (the date, the project's git commit,
+# the machine's description): dropped, so identical evaluations give identical bytes.
+VOLATILE_RESULTS = ("date", "git_hash", "upper_git_hash", "pretty_env_info")
+
+
 def local_dataset(path: Path) -> dict[str, Any]:
+    # The path as given: relative in dvc.yaml, so no output names the folder the project is in.
     return {
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(path.resolve())}},
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
         "test_split": "test",
     }
 
@@ -149,7 +157,7 @@ def standard_task_override(name: str, data_files: dict[str, str], builtin_yaml: 
         "task": f"{name}_local",
         "dataset_path": "json",
         "dataset_name": None,
-        "dataset_kwargs": {"data_files": {split: str(Path(path).resolve()) for split, path in data_files.items()}},
+        "dataset_kwargs": {"data_files": dict(data_files)},  # as given: relative to the project
     }
     for key in ("training_split", "validation_split", "test_split", "fewshot_split"):
         override[key] = None
@@ -245,17 +253,18 @@ def check_model_id(model_id: str) -> None:
 def run(
     settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Path, raw_dir: Path, *, model_id: str
 ) -> dict[str, float]:
-    """Evaluate the model `model_id` (`<kind>/<name>`); write task YAMLs, raw results, samples, items
-    and lineage to raw_dir; return the metrics."""
+    """Evaluate the model `model_id` (`<kind>/<name>`); write raw results, samples, items and
+    lineage to raw_dir; return the metrics."""
     check_model_id(model_id)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    with atomic_dir(raw_dir) as tmp:
+    # The task YAMLs are scratch: one of them includes lm-eval's own YAML by its path in this
+    # environment, and results.json keeps the configurations lm-eval resolved from them.
+    with atomic_dir(raw_dir) as tmp, tempfile.TemporaryDirectory(prefix="lm-eval-tasks-") as tasks:
         copy_lineage(model_dir, model_id, tmp / "lineage.json")
-        tasks_dir = tmp / "tasks"
-        tasks_dir.mkdir()
+        tasks_dir = Path(tasks)
         configs = embedded_task_configs(settings, eval_dir, corpus_dir)
         write_task_files(configs, tasks_dir)
         task_names = [c["task"] for c in configs]
@@ -302,6 +311,8 @@ def run(
             fewshot_random_seed=settings.seed,
         )
         samples = output.pop("samples", {})
+        for key in VOLATILE_RESULTS:
+            output.pop(key, None)
         (tmp / "results.json").write_text(json.dumps(output, indent=2, default=str, sort_keys=True))
         with open(tmp / "samples.jsonl", "w") as handle:
             for task, rows in sorted(samples.items()):
@@ -324,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face model folder to evaluate")
     parser.add_argument("--eval-sets", type=Path, required=True, help="folder of the embedded eval sets")
     parser.add_argument("--corpus", type=Path, required=True, help="corpus folder (test.jsonl: held-out text)")
-    parser.add_argument("--raw", type=Path, required=True, help="output folder: task YAMLs, raw results, samples, "
+    parser.add_argument("--raw", type=Path, required=True, help="output folder: raw results, samples, "
                         "items.json, lineage.json")  # fmt: skip
     parser.add_argument("--metrics", type=Path, required=True, help="stable metrics JSON (a DVC metric)")
     args = parser.parse_args(argv)

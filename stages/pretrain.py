@@ -11,10 +11,12 @@ Outputs:
 - model/: a Hugging Face model folder (safetensors, config, generation config, tokenizer, model card).
 - checkpoints/: resumable state every `checkpoint_interval` steps. A rerun with the same
   settings continues from the newest one and ends with the same weights as an uninterrupted
-  run (bitwise on CPU with fixed threads). DVC keeps this folder between runs (`persist`).
-- live/: dvclive curves (train loss, lr, grad norm, tokens/s, MFU; val loss, perplexity, accuracy).
+  run (bitwise on CPU with fixed threads). Not a DVC output, so DVC never deletes it (dvc.yaml).
+- live/: dvclive curves (train loss, lr, grad norm; val loss, perplexity, accuracy).
 - samples: greedy and sampled generations at step 0 and at the end, as markdown.
-- metrics: final summary JSON (stable numbers only; timings live in the curves).
+- metrics: final summary JSON.
+- timing (--timing, optional): tokens/s and MFU per log interval. Timings differ on every run, so
+  they stay out of the outputs DVC hashes (dvc.yaml writes them to logs/, which nothing tracks).
 """
 
 from __future__ import annotations
@@ -478,6 +480,7 @@ class Outputs:
     checkpoint_dir: Path
     live_dir: Path
     samples_path: Path
+    timing_path: Path | None = None
 
 
 def autocast_context(settings: PretrainSettings, device: torch.device) -> Callable[[], Any]:
@@ -516,8 +519,6 @@ def replay_history(live: Any, history: list[dict[str, Any]]) -> None:
         live.step = record["step"]
         for name, value in record["metrics"].items():
             live.log_metric(name, value)
-    if history:
-        live.make_summary()
 
 
 def run(
@@ -528,15 +529,12 @@ def run(
     dist: Distributed | None = None,
 ) -> dict[str, Any]:
     """Train (or resume), write every output on rank 0, and return the summary metrics."""
-    from dvclive import Live
     from transformers import AutoTokenizer, GenerationConfig
+
+    from pipeline.curves import curve_logger
 
     dist = dist or init_distributed()
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
-    threads = settings.threads or (max(1, (os.cpu_count() or 1) // dist.world_size) if dist.enabled else None)
-    if threads and device.type == "cpu":
-        torch.set_num_threads(threads)
-
     meta = json.loads((tokens_dir / "meta.json").read_text())
     per_step = settings.micro_batch_size * settings.seq_len * dist.world_size
     if settings.batch_tokens % per_step:
@@ -596,7 +594,7 @@ def run(
     if dist.enabled:
         torch.distributed.barrier()  # no rank deletes what another is still reading
 
-    live = Live(dir=str(outputs.live_dir), save_dvc_exp=False, dvcyaml=False, report=None) if dist.is_main else None
+    live = curve_logger(outputs.live_dir) if dist.is_main else None
     if live:
         replay_history(live, history)
     log.info(
@@ -613,7 +611,6 @@ def run(
             live.step = step
             for name, value in metrics.items():
                 live.log_metric(name, value)
-            live.make_summary()
 
     def checkpoint(step: int) -> None:
         weights = full_model_state(raw_model, dist)
@@ -636,6 +633,7 @@ def run(
     if start_step == 0:  # every rank evaluates: under FSDP each one takes part in the forward
         record(0, {f"val/{k}": v for k, v in evaluate(model, val_batches, device, autocast).items()})
 
+    timing: list[dict[str, float]] = []  # this process's throughput, never resumed: see the docstring
     model.train()
     window_started, window_tokens = time.perf_counter(), 0
     progress = tqdm(
@@ -680,13 +678,9 @@ def run(
         if done % settings.log_interval == 0 or done == settings.max_steps:
             seconds = time.perf_counter() - window_started
             tokens_per_second = window_tokens / seconds
-            metrics = {
-                "train/loss": loss_sum,
-                "train/lr": lr,
-                "train/grad_norm": grad_norm,
-                "train/tokens_per_second": tokens_per_second,
-                "train/mfu": tokens_per_second * flops / peak_flops,
-            }
+            metrics = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm}
+            mfu = tokens_per_second * flops / peak_flops
+            timing.append({"step": done, "tokens_per_second": tokens_per_second, "mfu": mfu})
             if not math.isnan(aux_sum):
                 metrics["train/router_aux_loss"] = aux_sum
             progress.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_second:.0f}")
@@ -731,7 +725,9 @@ def run(
             (tmp / "README.md").write_text(model_card(settings, summary, n_params))
             write_lineage(tmp, "base", "pretrain", "pretrain", [str(tokens_dir)], settings.model_dump(mode="json"))
         write_text(outputs.samples_path, samples_markdown(samples))
-        live.end()
+        if outputs.timing_path:
+            threads = torch.get_num_threads()
+            write_json(outputs.timing_path, {"peak_flops": peak_flops, "threads": threads, "log": timing})
     if dist.enabled:
         torch.distributed.barrier()
     return summary
@@ -746,11 +742,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", type=Path, required=True, help="dvclive folder (curves)")
     parser.add_argument("--samples", type=Path, required=True, help="generated samples (markdown)")
     parser.add_argument("--metrics", type=Path, required=True, help="summary JSON (a DVC metric)")
+    parser.add_argument("--timing", type=Path, help="tokens/s and MFU (JSON; not an output: differs every run)")
     args = parser.parse_args(argv)
     params = start("pretrain")
     configure_environment()
     dist = init_distributed()
-    outputs = Outputs(args.model, args.checkpoints, args.live, args.samples)
+    outputs = Outputs(args.model, args.checkpoints, args.live, args.samples, args.timing)
     try:
         summary = run(params.pretrain, args.tokens, args.tokenizer, outputs, dist)
     except TrainingDiverged as error:

@@ -46,7 +46,9 @@ TINY_PRETRAIN = PretrainSettings(
 
 
 def outputs_in(root: Path) -> pretrain.Outputs:
-    return pretrain.Outputs(root / "model", root / "checkpoints", root / "live", root / "samples.md")
+    return pretrain.Outputs(
+        root / "model", root / "checkpoints", root / "live", root / "samples.md", root / "timing.json"
+    )
 
 
 @pytest.fixture(scope="session")

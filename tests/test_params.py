@@ -140,7 +140,7 @@ def test_view_allows_declared_keys_and_refuses_others():
 def test_make_check_cli_reports_bad_key(tmp_path):
     """`python -m pipeline.params` (what `make check` runs) exits non-zero naming the key."""
     project = tmp_path / "project"
-    for code in ("pipeline", "stages"):
+    for code in ("pipeline", "stages", "data/local"):
         shutil.copytree(PROJECT_ROOT / code, project / code, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")
     shipped = (PROJECT_ROOT / "params.yaml").read_text()
@@ -156,7 +156,8 @@ def test_make_check_cli_reports_bad_key(tmp_path):
 
     result = make_check(shipped.replace("vocab_size: 2048", "vocab_size: 500"))
     assert result.returncode == 0, result.stderr
-    assert "params.yaml is valid" in result.stdout and "finetune@addition: finetune.base_model" in result.stdout
+    assert "params.yaml is valid" in result.stdout
+    assert "finetune@addition: compute, finetune.base_model" in result.stdout
 
     # dvc.yaml interpolates hub and finetune.experts from params.yaml: without them, say so plainly
     result = make_check("tokenize:\n  vocab_size: 500\n")
@@ -190,3 +191,20 @@ def test_expert_names_need_only_be_plain(tmp_path):
     assert list(load_params(write_params(tmp_path, text)).finetune.experts) == list(names)
     message = params_error(tmp_path, "finetune:\n  experts:\n    Moe-1: {dataset: data/sft/addition.jsonl}\n")
     assert "expert name 'Moe-1': use lowercase letters, digits and _" in message
+
+
+def test_a_file_a_setting_names_must_be_a_dependency_of_its_readers(tmp_path):
+    """A local corpus outside every dependency of the data stage: DVC would never rerun the stage
+    when it changes, so it is refused with the setting's name; under data/local/ it is fine."""
+    from pipeline.params import LOCAL_INPUTS, undeclared_inputs
+
+    outside = tmp_path / "corpus.txt"
+    outside.write_text("Some text.\n")
+    params = load_params(write_params(tmp_path, f"data:\n  corpus: {{source: local, path: {outside}}}\n"))
+    deps = [PROJECT_ROOT / "stages/data.py", PROJECT_ROOT / LOCAL_INPUTS]
+    (problem,) = undeclared_inputs("data", ["data"], deps, params, PROJECT_ROOT)
+    assert "data.corpus.path" in problem and "stage 'data'" in problem and "data/local/" in problem
+    # a stage that does not declare the setting does not read the file
+    assert undeclared_inputs("tokenize", ["tokenize"], deps, params, PROJECT_ROOT) == []
+    # a folder the stage depends on holds it: fine
+    assert undeclared_inputs("data", ["data"], [*deps, tmp_path], params, PROJECT_ROOT) == []
