@@ -1,13 +1,18 @@
-"""The whole default experiment from a fresh clone: `dvc repro` timed stage by stage.
+"""The whole default experiment from a fresh clone: `dvc repro` timed stage by stage, and checked.
 
     python -m bench.bench_pipeline      (or `make bench`)
     python -m bench.bench_pipeline --set finetune.defaults.seed=1 --keep /tmp/seed1   (another seed, kept)
+    python -m bench.bench_pipeline --noop .    (only the no-op `dvc repro` of an up-to-date project)
 
 Clones the committed project into a temporary folder, runs `dvc repro` there exactly as
 `make run` does (same environment, nothing cached), stamps the time at which DVC starts each
-stage, and prints seconds per stage, per kind of stage, and against the 10-minute target. It
-then times the fixed start-up of the tools that each stage process pays again (importing
-axolotl, lm-eval, mergekit; a DVC call), so the table shows where time goes.
+stage, and prints seconds per stage, per kind of stage, and against the 10-minute target. Then:
+- whether the clone's dvc.lock records the same output hashes as the committed one (with the
+  default settings, it must: README, Reproducibility), naming any output that differs;
+- a no-op `dvc repro` (everything up to date) timed 5 times, interleaved with nothing else:
+  median and min-max (target <= 2 s);
+- the fixed start-up of the tools that each stage process pays again (importing axolotl,
+  lm-eval, mergekit; a DVC call), so the table shows where time goes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +69,42 @@ def timed_repro(project: Path) -> tuple[dict[str, float], float]:
     return {stage: end - start for (stage, start), end in zip(marks, ends, strict=True)}, total
 
 
+def lock_outputs(lock_text: str) -> dict[str, str]:
+    """Every output a dvc.lock records: path -> md5."""
+    from ruamel.yaml import YAML
+
+    lock = YAML(typ="safe").load(lock_text)
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def compare_with_committed(project: Path) -> None:
+    committed = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=project, capture_output=True, text=True)
+    if committed.returncode:
+        print("\nno committed dvc.lock to compare with")
+        return
+    expected, got = lock_outputs(committed.stdout), lock_outputs((project / "dvc.lock").read_text())
+    differ = sorted(path for path in expected.keys() | got.keys() if expected.get(path) != got.get(path))
+    if differ:
+        print(f"\nthe clone's outputs DIFFER from the committed dvc.lock in {len(differ)} of {len(expected)}:")
+        print("\n".join(f"  {path}" for path in differ))
+    else:
+        print(f"\nthe clone reproduces the committed dvc.lock: all {len(expected)} outputs have the same hashes")
+
+
+def noop_repro(project: Path, runs: int = 5) -> None:
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        command = [str(BIN / "dvc"), "repro"]
+        done = subprocess.run(command, cwd=project, env=environment(), capture_output=True, text=True)
+        seconds.append(time.perf_counter() - started)
+        if "Running stage" in done.stdout or done.returncode:
+            raise SystemExit(f"error: the project is not up to date, or dvc repro failed:\n{done.stdout}{done.stderr}")
+    print(f"\nno-op dvc repro ({len(lock_outputs((project / 'dvc.lock').read_text()))} outputs up to date): median "
+          f"{statistics.median(seconds):.2f} s, min-max {min(seconds):.2f}-{max(seconds):.2f} s over {runs} runs "
+          "(target <= 2 s)")  # fmt: skip
+
+
 def startup_seconds(statement: str) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", statement], cwd=PROJECT_ROOT, env=environment(), check=True,
@@ -91,7 +133,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE: change a setting in the clone")
     parser.add_argument("--keep", type=Path, help="clone into this new folder and keep it (its outputs and cache)")
+    parser.add_argument("--noop", type=Path, help="only time a no-op `dvc repro` of this up-to-date project")
     args = parser.parse_args()
+    if args.noop:
+        noop_repro(args.noop)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         project = args.keep or Path(tmp) / "project"
         subprocess.run(["git", "clone", "-q", str(PROJECT_ROOT), str(project)], check=True)
@@ -99,6 +145,9 @@ def main() -> None:
         print(f"dvc repro of the default params.yaml{' with ' + ', '.join(args.set) if args.set else ''} in a fresh "
               f"clone ({project}):")  # fmt: skip
         stages, total = timed_repro(project)
+        if not args.set:
+            compare_with_committed(project)
+        noop_repro(project)
     kinds: dict[str, list[float]] = defaultdict(list)
     for stage, seconds in stages.items():
         kind = next((name for name, pattern in KINDS if re.search(pattern, stage)), "other")
