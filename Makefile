@@ -32,8 +32,7 @@ $(INSTALLED): requirements/lock.txt
 
 install: $(INSTALLED)
 
-run: install  ## the default experiment, end to end (settings are validated before any stage runs)
-	$(BIN)/python -m pipeline.params
+run: install  ## the default experiment, end to end (its first stage, `check`, validates everything)
 	$(BIN)/dvc repro
 
 test: install browser  ## the test suite (what CI runs)
@@ -50,8 +49,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-check: install  ## validate params.yaml and dvc.yaml's params declarations; no compute
-	$(BIN)/python -m pipeline.params
+check: install  ## validate params.yaml, dvc.yaml's declarations and the input files; no compute
+	$(BIN)/python -m stages.check
 
 bench: install  ## throughput figures (not tests)
 	$(BIN)/python -m bench.bench_tokenize
@@ -70,4 +69,4 @@ clean:  ## remove generated outputs (not the venv, not the DVC cache)
 	rm -rf data/hub metrics/hub data/corpus data/sft data/eval data/tokens models/tokenizer models/pretrain models/pretrain_checkpoints \
 	  models/experts models/merged models/moe models/dense models/moe_trained models/.finetune_work metrics/*.json \
 	  metrics/pretrain metrics/pretrain_samples.md metrics/finetune metrics/dense metrics/moe_finetune metrics/routing \
-	  metrics/eval metrics/eval_raw metrics/report logs
+	  metrics/eval metrics/eval_raw metrics/report logs .tmp data/params_checked.txt

@@ -1,30 +1,68 @@
-"""Atomic outputs: build in a hidden temporary sibling, then rename into place.
+"""Atomic outputs: build in a temporary folder or file, then rename into place.
 
-A stage killed midway (even with kill -9) leaves at most a `.NAME.tmp-PID` sibling that the
-next run removes; never a half-written file or folder under the final name.
+Temporaries live in the project's scratch folder `.tmp/` (untracked; no stage depends on it),
+never beside the output, where they would sit inside a folder a later stage depends on (a merge's
+temporary inside models/merged, which the MoE hashes). A stage that fails or is stopped (SIGTERM,
+Ctrl-C, DVC dying: pipeline/stage.py) removes its temporary; one killed outright (kill -9) leaves
+it in .tmp/, where the next atomic write of any stage removes it. Never a half-written file or
+folder under the final name.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+SCRATCH = Path(".tmp")  # relative to the project root, a stage's working directory
+_PID = re.compile(r"\.tmp-(?:old-)?(\d+)$")
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
-        path.unlink()
+        path.unlink(missing_ok=True)
 
 
-def _clear_stale_temporaries(final: Path) -> None:
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        _remove(stale)
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def scratch_for(final: Path) -> tuple[Path, str]:
+    """(folder, name prefix) of `final`'s temporaries: the project's .tmp/ when `final` is inside
+    the working directory and on the same file system (a rename cannot cross file systems),
+    else beside `final` (outputs outside a project, e.g. in tests)."""
+    root = Path.cwd()
+    try:
+        relative = final.absolute().relative_to(root)
+    except ValueError:
+        return final.parent, f".{final.name}"
+    scratch = root / SCRATCH
+    scratch.mkdir(exist_ok=True)
+    if os.stat(scratch).st_dev != os.stat(final.parent).st_dev:
+        return final.parent, f".{final.name}"
+    return scratch, "__".join(relative.parts)
+
+
+def clear_stale_temporaries(folder: Path, prefix: str) -> None:
+    """Remove temporaries of `prefix` (any process) and of processes no longer running (any
+    output) from `folder`: leftovers of stages killed outright."""
+    for path in folder.glob("*.tmp-*"):
+        pid = _PID.search(path.name)
+        if path.name.startswith(f"{prefix}.tmp-") or (pid and not _running(int(pid.group(1)))):
+            _remove(path)
 
 
 @contextmanager
@@ -32,15 +70,17 @@ def atomic_path(final: Path | str, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale_temporaries(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    folder, prefix = scratch_for(final)
+    clear_stale_temporaries(folder, prefix)
+    clear_stale_temporaries(final.parent, f".{final.name}")  # beside it: where older versions put them
+    tmp = folder / f"{prefix}.tmp-{os.getpid()}"
     if is_dir:
         tmp.mkdir()
     try:
         yield tmp
         if final.exists() and final.is_dir() and not final.is_symlink():
             # os.replace cannot swap a folder for a non-empty one: move the old aside first.
-            old = final.parent / f".{final.name}.tmp-old-{os.getpid()}"
+            old = folder / f"{prefix}.tmp-old-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
             _remove(old)

@@ -9,10 +9,12 @@ stage cannot depend on a setting DVC does not know about (and would not rerun it
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +23,46 @@ SKILLS = ("addition", "sorting", "comparison", "counting")
 # model's folder): every stage that may read such a file depends on this folder (dvc.yaml).
 LOCAL_INPUTS = "data/local"
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+SFT_DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")  # pipeline/sft.py DATASET_FORMATS (a test checks they agree)
+REPLAY_TEXT_SUFFIXES = (".jsonl", ".parquet")  # what pipeline/sft.py read_texts reads
+TASK_DATA_SUFFIXES = (".jsonl", ".json")  # stages/eval.py reads task data with lm-eval's `json` loader
+CORPUS_SPLITS = ("train", "val", "test")  # the data stage's corpus files, <split>.jsonl
+
+
+def _one_of(suffixes: tuple[str, ...]) -> str:
+    return ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+
+
+def _has_suffix(path: str, suffixes: tuple[str, ...]) -> str:
+    suffix = Path(path).suffix
+    if not suffix:
+        raise ValueError(f"{path!r} must be a {_one_of(suffixes)} file, not a folder")
+    if suffix not in suffixes:
+        raise ValueError(f"{path!r} has suffix {suffix!r}: it must be a {_one_of(suffixes)} file")
+    return path
+
+
+def file_setting(suffixes: tuple[str, ...]) -> Any:
+    """The type of a setting that names a file of one of these types (its suffix is checked here,
+    the file itself by `check()`)."""
+    return Annotated[str, AfterValidator(partial(_has_suffix, suffixes=suffixes))]
+
+
+SFTDatasetFile = file_setting(SFT_DATASET_SUFFIXES)
+ReplayTextFile = file_setting(REPLAY_TEXT_SUFFIXES)
+TaskDataFile = file_setting(TASK_DATA_SUFFIXES)
+
+# Upper bounds on sizes and counts catch a slipped magnitude (max_steps: 10**12 started a run with
+# an ETA of forever) and leave room for real GPU-scale runs.
+MAX_SEQUENCE_TOKENS = 1_048_576  # a 1M-token context
+SequenceTokens = Annotated[int, Field(ge=8, le=MAX_SEQUENCE_TOKENS)]
+MicroBatch = Annotated[int, Field(ge=1, le=16_384)]  # sequences per device per forward pass
+SFTSteps = Annotated[int, Field(ge=1, le=1_000_000)]  # fine-tuning runs are far shorter than pretraining
+SFTWarmupSteps = Annotated[int, Field(ge=0, le=1_000_000)]
+AccumulationSteps = Annotated[int, Field(ge=1, le=10_000)]
+LoraRank = Annotated[int, Field(ge=1, le=65_536)]  # at most the widest hidden_size
+ReplayRows = Annotated[int, Field(ge=0, le=10_000_000)]
+MAX_EXPERTS = 1_024  # experts of one MoE layer (the largest MoEs have a few hundred)
 
 
 class Section(BaseModel):
@@ -58,6 +100,8 @@ class CorpusSettings(Section):
                 raise ValueError(
                     f"`path` {self.path!r} has suffix {path.suffix!r}; valid: {', '.join(CORPUS_SUFFIXES)}"
                 )
+            if path.is_dir():
+                raise ValueError(f"`path` {self.path!r} is a folder: it must be a {_one_of(CORPUS_SUFFIXES)} file")
             if not path.is_file():
                 raise ValueError(f"`path` {self.path!r} does not exist (looked at {path})")
         if self.source == "hub" and not self.name:
@@ -91,7 +135,7 @@ class SkillSettings(Section):
         description="Which skills to generate: addition (2-digit + 1-digit), sorting (3-5 digits), "
         "comparison (the larger of two numbers), counting (2-8 words).",
     )
-    train_examples: int = Field(3000, ge=1, description="SFT training rows per skill.")
+    train_examples: int = Field(3000, ge=1, le=1_000_000, description="SFT training rows per skill.")
     eval_examples: int = Field(
         200, ge=1, le=400, description="Held-out eval questions per skill (never in the SFT rows)."
     )
@@ -117,7 +161,9 @@ class DataSettings(Section):
     )
     world: WorldSettings = Field(default_factory=WorldSettings)
     skills: SkillSettings = Field(default_factory=SkillSettings)
-    story_eval_examples: int = Field(200, ge=1, description="Story-completion multiple-choice items (HellaSwag style).")
+    story_eval_examples: int = Field(
+        200, ge=1, le=10_000, description="Story-completion multiple-choice items (HellaSwag style)."
+    )
 
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -157,7 +203,7 @@ class TokenizeSettings(Section):
         DEFAULT_CHAT_TEMPLATE,
         description="Jinja chat template saved with the tokenizer; SFT and eval prompts are rendered with it.",
     )
-    batch_size: int = Field(1000, ge=1, description="Documents per encode_batch call.")
+    batch_size: int = Field(1000, ge=1, le=100_000, description="Documents per encode_batch call (held in memory).")
 
     @model_validator(mode="after")
     def _special_tokens_distinct(self) -> TokenizeSettings:
@@ -175,16 +221,21 @@ class ModelSettings(Section):
         description="llama: dense LlamaForCausalLM; mixtral: a sparse mixture of experts "
         "(MixtralForCausalLM) with top-k routing and a router load-balancing loss.",
     )
-    hidden_size: int = Field(128, ge=8, description="Width of the residual stream.")
-    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
-    num_heads: int = Field(4, ge=1, description="Attention heads; hidden_size must divide by it.")
-    num_kv_heads: int = Field(4, ge=1, description="Key/value heads (fewer than num_heads = grouped-query attention).")
-    intermediate_size: int = Field(384, ge=1, description="Width of the MLP (of each expert, for mixtral).")
-    max_position_embeddings: int = Field(256, ge=8, description="Longest sequence the model accepts.")
+    # the upper bounds are about 4x the largest open models (hidden 16k, 126 layers, 128 heads)
+    hidden_size: int = Field(128, ge=8, le=65_536, description="Width of the residual stream.")
+    num_layers: int = Field(4, ge=1, le=1_024, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, le=1_024, description="Attention heads; hidden_size must divide by it.")
+    num_kv_heads: int = Field(
+        4, ge=1, le=1_024, description="Key/value heads (fewer than num_heads = grouped-query attention)."
+    )
+    intermediate_size: int = Field(384, ge=1, le=262_144, description="Width of the MLP (of each expert, for mixtral).")
+    max_position_embeddings: int = Field(
+        256, ge=8, le=MAX_SEQUENCE_TOKENS, description="Longest sequence the model accepts."
+    )
     rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position embedding.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Attention dropout; for short pretraining 0 is good.")
-    num_experts: int = Field(4, ge=2, description="mixtral: experts per MoE layer.")
+    num_experts: int = Field(4, ge=2, le=MAX_EXPERTS, description="mixtral: experts per MoE layer.")
     experts_per_token: int = Field(2, ge=1, description="mixtral: experts each token is routed to (top-k).")
     router_aux_loss_coef: float = Field(0.01, ge=0, description="mixtral: weight of the load-balancing loss.")
 
@@ -224,15 +275,16 @@ class PretrainSettings(Section):
 
     seed: int = Field(0, description="Seeds weights, batch sampling and dropout.")
     model: ModelSettings = Field(default_factory=ModelSettings)
-    seq_len: int = Field(128, ge=8, description="Tokens per training sequence (<= model.max_position_embeddings).")
-    micro_batch_size: int = Field(32, ge=1, description="Sequences per forward/backward on one device.")
+    seq_len: SequenceTokens = Field(128, description="Tokens per training sequence (<= model.max_position_embeddings).")
+    micro_batch_size: MicroBatch = Field(32, description="Sequences per forward/backward on one device.")
     batch_tokens: int = Field(
         4096,
         ge=8,
+        le=100_000_000,  # large runs use a few million
         description="Tokens per optimizer step over all devices: micro_batch_size * seq_len * "
         "gradient-accumulation steps * world size. Must divide exactly.",
     )
-    max_steps: int = Field(330, ge=1, description="Optimizer steps.")
+    max_steps: int = Field(330, ge=1, le=10_000_000, description="Optimizer steps (at most 10 million).")
     sampling: Literal["windows", "documents"] = Field(
         "windows",
         description="windows: random windows of the concatenated corpus (every position trains); "
@@ -245,7 +297,7 @@ class PretrainSettings(Section):
         description="cosine: linear warmup from 0, cosine decay to min_lr_ratio; one_cycle: cosine "
         "warmup from learning_rate/25 to the peak, cosine decay to min_lr_ratio; constant: linear warmup, then flat.",
     )
-    warmup_steps: int = Field(16, ge=0, description="Steps to reach the peak learning rate.")
+    warmup_steps: int = Field(16, ge=0, le=10_000_000, description="Steps to reach the peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay, applied to matrices only.")
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -268,7 +320,7 @@ class PretrainSettings(Section):
         default_factory=lambda: ["The capital of", "One morning in", "Seven plus two is"],
         description="Prompts generated from at step 0 and at the end (greedy and sampled).",
     )
-    sample_max_new_tokens: int = Field(32, ge=1)
+    sample_max_new_tokens: int = Field(32, ge=1, le=8_192, description="Tokens generated per sample (a peek).")
     sample_temperature: float = Field(0.8, gt=0)
     sample_top_k: int = Field(20, ge=1)
     peak_flops: float | None = Field(
@@ -306,15 +358,17 @@ class EvalSettings(Section):
         "lm-eval task (hellaswag, arc_easy, gsm8k, ...): it needs its data from the hub, or "
         "from `task_data`.",
     )
-    task_data: dict[str, dict[str, str]] = Field(
+    task_data: dict[str, dict[str, TaskDataFile]] = Field(
         default_factory=dict,
         description="Local data for standard lm-eval tasks, offline: task name -> {split: file}, "
-        "e.g. {arc_easy: {test: data/arc_easy.jsonl}} (json/jsonl/parquet with the task's columns).",
+        "e.g. {arc_easy: {test: data/local/arc_easy.jsonl}} (.jsonl or .json with the task's columns).",
     )
-    num_fewshot: int = Field(0, ge=0, description="Examples shown before each question.")
-    batch_size: int = Field(64, ge=1, description="Requests per forward pass.")
-    limit: int | None = Field(None, ge=1, description="Evaluate only the first N items of each task (quick runs).")
-    max_gen_tokens: int = Field(16, ge=1, description="Longest answer generated for exact-answer tasks.")
+    num_fewshot: int = Field(0, ge=0, le=128, description="Examples shown before each question.")
+    batch_size: int = Field(64, ge=1, le=8_192, description="Requests per forward pass.")
+    limit: int | None = Field(
+        None, ge=1, le=1_000_000, description="Evaluate only the first N items of each task (quick runs)."
+    )
+    max_gen_tokens: int = Field(16, ge=1, le=32_768, description="Longest answer generated for exact-answer tasks.")
     apply_chat_template: bool = Field(
         False,
         description="Render prompts with the model's chat template (instruct models such as Phi-3). "
@@ -339,19 +393,19 @@ class EvalSettings(Section):
 class SFTSettings(Section):
     """Supervised fine-tuning through axolotl: the settings every expert shares (and may override)."""
 
-    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    max_steps: SFTSteps = Field(200, description="Optimizer steps (at most a million).")
     learning_rate: float = Field(0.002, gt=0, description="Peak learning rate.")
-    micro_batch_size: int = Field(32, ge=1, description="Rows per forward pass on one device.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    sequence_len: int = Field(128, ge=8, description="Longest row in tokens; axolotl drops longer rows.")
+    micro_batch_size: MicroBatch = Field(32, description="Rows per forward pass on one device.")
+    gradient_accumulation_steps: AccumulationSteps = 1
+    sequence_len: SequenceTokens = Field(128, description="Longest row in tokens; axolotl drops longer rows.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: SFTWarmupSteps = 20
     optimizer: str = Field("adamw_torch", description="Any optimizer axolotl knows (adamw_bnb_8bit needs a GPU).")
     weight_decay: float = Field(0.0, ge=0)
     adapter: Literal["none", "lora"] = Field(
         "none", description="none: full fine-tune; lora: train a LoRA adapter, merged into the model at the end."
     )
-    lora_r: int = Field(16, ge=1)
+    lora_r: LoraRank = 16
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_linear: bool = Field(True, description="Adapt every linear layer (else q/v only).")
@@ -363,16 +417,16 @@ class SFTSettings(Section):
     flash_attention: bool = Field(False, description="flash-attn kernels (GPU only); otherwise SDPA.")
     sample_packing: bool = Field(False, description="Pack several rows into one sequence.")
     pad_to_multiple_of: int = Field(
-        8, ge=1, description="Pad each batch to its longest row rounded up to this. axolotl's own default, 64, "
-        "suits A100 tensor cores but more than doubles the step time on short rows (~25 tokens here)."
+        8, ge=1, le=4_096, description="Pad each batch to its longest row rounded up to this. axolotl's own default, "
+        "64, suits A100 tensor cores but more than doubles the step time on short rows (~25 tokens here)."
     )  # fmt: skip
     gradient_checkpointing: bool = False
-    replay_rows: int = Field(
-        0, ge=0, description="Documents of finetune.replay_text mixed into the SFT rows, trained with the "
+    replay_rows: ReplayRows = Field(
+        0, description="Documents of finetune.replay_text mixed into the SFT rows, trained with the "
         "language-model loss on every token: keeps the model's general text ability while it learns the skill."
     )  # fmt: skip
-    replay_max_tokens: int = Field(
-        48, ge=8, description="Longest replay passage (whole sentences): short, like the SFT rows, so batches "
+    replay_max_tokens: SequenceTokens = Field(
+        48, description="Longest replay passage (whole sentences): short, like the SFT rows, so batches "
         "padded to their longest row stay short."
     )  # fmt: skip
     seed: int = 0
@@ -381,21 +435,21 @@ class SFTSettings(Section):
 class SFTOverrides(Section):
     """SFT settings that differ from the shared defaults (any may be left out)."""
 
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: SFTSteps | None = None
     learning_rate: float | None = Field(None, gt=0)
-    micro_batch_size: int | None = Field(None, ge=1)
-    gradient_accumulation_steps: int | None = Field(None, ge=1)
-    sequence_len: int | None = Field(None, ge=8)
+    micro_batch_size: MicroBatch | None = None
+    gradient_accumulation_steps: AccumulationSteps | None = None
+    sequence_len: SequenceTokens | None = None
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = None
-    warmup_steps: int | None = Field(None, ge=0)
+    warmup_steps: SFTWarmupSteps | None = None
     optimizer: str | None = None
     weight_decay: float | None = Field(None, ge=0)
     adapter: Literal["none", "lora"] | None = None
-    lora_r: int | None = Field(None, ge=1)
+    lora_r: LoraRank | None = None
     lora_alpha: int | None = Field(None, ge=1)
     lora_dropout: float | None = Field(None, ge=0, lt=1)
-    replay_rows: int | None = Field(None, ge=0)
-    replay_max_tokens: int | None = Field(None, ge=8)
+    replay_rows: ReplayRows | None = None
+    replay_max_tokens: SequenceTokens | None = None
     seed: int | None = None
 
     def resolve(self, defaults: SFTSettings) -> SFTSettings:
@@ -408,7 +462,7 @@ class SFTOverrides(Section):
 class ExpertSettings(SFTOverrides):
     """One expert: its dataset, and any SFT setting that differs from finetune.defaults."""
 
-    dataset: str = Field(
+    dataset: SFTDatasetFile = Field(
         description="A .jsonl/.json/.parquet file of chat messages (`messages` column): generated, local, "
         "or a file of a hub dataset fetched by a `hub` entry (data/hub/<name>/...)."
     )
@@ -422,7 +476,7 @@ class FinetuneSettings(Section):
         description="Model folder to fine-tune: the pretrain output (default), any local Hugging Face model "
         "folder, or a hub model fetched by a `hub` entry (data/hub/<name>).",
     )
-    replay_text: str = Field(
+    replay_text: ReplayTextFile = Field(
         "data/corpus/train.jsonl",
         description="Pretraining-style text (.jsonl/.parquet with a `text` column) that replay_rows draws from.",
     )
@@ -608,7 +662,7 @@ class MoEVariant(Section):
         "mixture.moe_runs entry must train it)."
     )
     experts: list[str] | None = Field(None, description="source experts: which SFT experts (default: all).")
-    num_experts: int = Field(4, ge=2, description="source base: how many copies of the base model.")
+    num_experts: int = Field(4, ge=2, le=MAX_EXPERTS, description="source base: how many copies of the base model.")
 
 
 def _default_variants() -> dict[str, MoEVariant]:
@@ -638,7 +692,7 @@ class MoESettings(Section):
         "cheap_embed gates. Default for an expert: the first prompt_examples questions of its SFT data; for a "
         "merge: those of the experts it merges.",
     )
-    prompt_examples: int = Field(4, ge=1, description="Questions per expert in the default prompts.")
+    prompt_examples: int = Field(4, ge=1, le=10_000, description="Questions per expert in the default prompts.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = Field(0, description="Seed of the random gates.")
 
@@ -677,7 +731,7 @@ class MixtureSettings(Section):
         description="Expert name -> weight of its SFT data in the mixture (default: every expert, weight 1). "
         "Rows are drawn in these proportions.",
     )
-    rows: int = Field(4000, ge=1, description="SFT rows in the mixture (replay passages come on top).")
+    rows: int = Field(4000, ge=1, le=10_000_000, description="SFT rows in the mixture (replay passages come on top).")
     router_aux_loss_coef: float = Field(0.02, ge=0, description="Weight of the router load-balancing loss (0: off).")
     dense_runs: dict[str, SFTOverrides] = Field(
         default_factory=lambda: {"multitask": SFTOverrides()},
@@ -822,7 +876,15 @@ def _plain_name(name: str, where: str) -> None:
         raise ValueError(f"{where}: use lowercase letters, digits and _ in the name (it names files)")
 
 
-class ParamsError(ValueError):
+class InputError(ValueError):
+    """Bad input a user can fix: the message names the file, row or setting and what would be valid.
+
+    Helpers raise it; a stage's process prints the message alone, without a traceback (see
+    pipeline/stage.py), and exits with status 1.
+    """
+
+
+class ParamsError(InputError):
     """params.yaml is invalid, or a stage read a key its dvc.yaml entry does not declare."""
 
 
@@ -897,21 +959,136 @@ def stage_files(stage: Any) -> list[Path]:
     return [Path(dep.fs_path) for dep in stage.deps if getattr(dep, "params", None) is None]
 
 
+class PathSetting(NamedTuple):
+    """A setting's value that names a file or folder, and what it must be there."""
+
+    path: str  # as written in params.yaml
+    suffixes: tuple[str, ...] = ()  # a file of one of these types; none: a folder
+
+
+def path_settings(params: Params, root: Path = PROJECT_ROOT) -> dict[str, PathSetting]:
+    """The settings that name a file or folder some stage reads, by dotted key."""
+    named = {
+        "finetune.base_model": PathSetting(params.finetune.base_model),
+        "finetune.replay_text": PathSetting(params.finetune.replay_text, REPLAY_TEXT_SUFFIXES),
+    }
+    corpus = params.data.corpus
+    if corpus.source == "local" and corpus.path:
+        named["data.corpus.path"] = PathSetting(corpus.path, CORPUS_SUFFIXES)
+    base = params.tokenize.base_model
+    if base and ((root / base).exists() or Path(base).is_relative_to(LOCAL_INPUTS)):  # else a hub id
+        named["tokenize.base_model"] = PathSetting(base)
+    for name, expert in params.finetune.experts.items():
+        named[f"finetune.experts.{name}.dataset"] = PathSetting(expert.dataset, SFT_DATASET_SUFFIXES)
+    for task, splits in params.eval.task_data.items():
+        for split, path in splits.items():
+            named[f"eval.task_data.{task}.{split}"] = PathSetting(path, TASK_DATA_SUFFIXES)
+    return named
+
+
 def input_paths(params: Params, root: Path = PROJECT_ROOT) -> dict[str, Path]:
     """The settings that name a file or folder some stage reads: dotted key -> absolute path."""
-    named: dict[str, str | None] = {
-        "finetune.base_model": params.finetune.base_model,
-        "finetune.replay_text": params.finetune.replay_text,
+    return {key: root / setting.path for key, setting in path_settings(params, root).items()}
+
+
+def existing_input_files(
+    params: Params, root: Path = PROJECT_ROOT, outputs: Collection[Path] | None = None
+) -> dict[str, Path]:
+    """Dotted key -> file, for the settings that name a file there before the run: the user's own
+    (data/local, an absolute path), not one inside a stage's output, which the run rewrites. What
+    content checks can read up front. `outputs`: every stage's outputs (default: from dvc.yaml)."""
+    if outputs is None:
+        outputs = [Path(out.fs_path) for stage in load_stages(root) for out in stage.outs]
+    return {
+        key: path
+        for key, path in input_paths(params, root).items()
+        if path.is_file() and not any(path.is_relative_to(out) for out in outputs)
     }
-    if params.data.corpus.source == "local":
-        named["data.corpus.path"] = params.data.corpus.path
-    if params.tokenize.base_model and (root / params.tokenize.base_model).exists():  # else a hub id
-        named["tokenize.base_model"] = params.tokenize.base_model
-    for name, expert in params.finetune.experts.items():
-        named[f"finetune.experts.{name}.dataset"] = expert.dataset
-    for task, splits in params.eval.task_data.items():
-        named.update({f"eval.task_data.{task}.{split}": path for split, path in splits.items()})
-    return {key: root / path for key, path in named.items() if path}
+
+
+class PlannedOutput(NamedTuple):
+    """An output of a stage, and the names of the files it will hold when they are known in advance."""
+
+    stage: str
+    files: tuple[str, ...] | None  # None: anything may appear inside (a model folder, a hub snapshot)
+
+
+def data_stage_files(settings: DataSettings) -> dict[str, tuple[str, ...]]:
+    """The files the data stage writes into each output folder, keyed by the option naming the folder."""
+    skills = tuple(f"{skill}.jsonl" for skill in settings.skills.names)
+    return {
+        "--corpus": tuple(f"{split}.jsonl" for split in CORPUS_SPLITS),
+        "--sft": skills,
+        "--eval": (*skills, "stories.jsonl"),
+    }
+
+
+def planned_outputs(stages: list[Any], params: Params) -> dict[Path, PlannedOutput]:
+    """Every stage output -> what the run will write there. The data stage's folders are found by
+    the options of its command, which is where dvc.yaml hands it their paths."""
+    planned = {Path(out.fs_path): PlannedOutput(stage.name, None) for stage in stages for out in stage.outs}
+    for stage in stages:
+        if stage.name != "data":
+            continue
+        words = stage.cmd.split()
+        for option, files in data_stage_files(params.data).items():
+            if option in words[:-1]:
+                planned[Path(stage.wdir) / words[words.index(option) + 1]] = PlannedOutput(stage.name, files)
+    return planned
+
+
+def _holding_output(path: Path, planned: dict[Path, PlannedOutput]) -> Path | None:
+    return next((out for out in planned if path.is_relative_to(out)), None)  # outputs never overlap
+
+
+def will_exist(path: Path, planned: dict[Path, PlannedOutput]) -> bool:
+    """Whether `path` is there when its readers run: on disk now, or written by a stage."""
+    output = _holding_output(path, planned)
+    if output is None:
+        return path.exists()
+    files = planned[output].files
+    return files is None or path == output or path.relative_to(output).as_posix() in files
+
+
+def _listing(folder: Path, files: tuple[str, ...], root: Path) -> str:
+    """`data/sft/{addition,sorting}.jsonl` for files of one type, else a comma-separated list."""
+    shown = folder.relative_to(root) if folder.is_relative_to(root) else folder
+    suffixes = {Path(name).suffix for name in files}
+    if len(files) > 1 and len(suffixes) == 1:
+        return f"{shown}/{{{','.join(Path(name).stem for name in files)}}}{suffixes.pop()}"
+    return ", ".join(f"{shown}/{name}" for name in files)
+
+
+def _path_problem(setting: PathSetting, planned: dict[Path, PlannedOutput], root: Path) -> str | None:
+    """What is wrong with the file or folder a setting names, as the end of a sentence, or None."""
+    path = root / setting.path
+    output = _holding_output(path, planned)
+    if output is not None:
+        if will_exist(path, planned):
+            return None
+        stage, files = planned[output]
+        return f"which the {stage} stage does not produce; it makes {_listing(output, files or (), root)}"
+    if not path.exists():
+        return (
+            f"which does not exist, and no stage produces it. Put your own files under {LOCAL_INPUTS}/; models "
+            "and datasets from the Hugging Face hub come in through a params.yaml `hub` entry (into data/hub/<name>)"
+        )
+    if setting.suffixes and path.is_dir():
+        return f"a folder: it must be a {_one_of(setting.suffixes)} file"
+    if not setting.suffixes and not path.is_dir():
+        return "a file: it must be a folder (a Hugging Face model folder)"
+    return None
+
+
+def path_problems(params: Params, planned: dict[Path, PlannedOutput], root: Path = PROJECT_ROOT) -> list[str]:
+    """Settings naming a file or folder that will not be there, or not of its kind, when its readers
+    run: one line each, naming the setting and what would be valid."""
+    problems = []
+    for key, setting in path_settings(params, root).items():
+        problem = _path_problem(setting, planned, root)
+        if problem:
+            problems.append(f"{key} is {setting.path!r}, {problem}")
+    return problems
 
 
 def undeclared_inputs(stage: str, keys: list[str], files: list[Path], params: Params, root: Path) -> list[str]:
@@ -984,64 +1161,61 @@ def _lookup(node: Any, key: str) -> Any:
     return node
 
 
-def check(root: Path = PROJECT_ROOT) -> list[str]:
-    """Validate params.yaml and every stage's `params:` declaration in dvc.yaml; return a report."""
-    from dvc.repo import Repo
+def load_stages(root: Path = PROJECT_ROOT) -> list[Any]:
+    """The stages of dvc.yaml, resolved against params.yaml (messages name them by `stage.name`,
+    which, unlike `addressing`, does not depend on the current directory)."""
+    from dvc.repo import Repo  # imported here: DVC takes a second to import
 
-    params = load_params(root / "params.yaml")
-    report, problems = [], []
     with Repo(str(root)) as repo:
         try:
-            stages = list(repo.index.stages)
+            return list(repo.index.stages)
         except Exception as error:  # DVC's parse errors for dvc.yaml come in several types
             raise ParamsError(f"dvc.yaml cannot be resolved against params.yaml: {error}") from None
-        for stage in stages:
-            keys = stage_params(stage)
-            problems.extend(undeclared_inputs(stage.addressing, keys, stage_files(stage), params, root))
-            for key in keys:
-                try:
-                    _lookup(params, key)
-                except (AttributeError, KeyError):
-                    problems.append(
-                        f"dvc.yaml: stage {stage.addressing!r} declares params key {key!r}, "
-                        "which params.yaml's schema does not have"
-                    )
-            report.append(f"  {stage.addressing}: {', '.join(keys) or '(no params)'}")
-        problems.extend(missing_dependencies(stages, root))
+
+
+def check(root: Path = PROJECT_ROOT) -> list[str]:
+    """Validate params.yaml, the files and folders its settings name, and every stage's declarations
+    in dvc.yaml; return a report."""
+    params = load_params(root / "params.yaml")
+    stages = load_stages(root)
+    planned = planned_outputs(stages, params)
+    report, problems = [], path_problems(params, planned, root)
+    for stage in stages:
+        keys = stage_params(stage)
+        problems.extend(undeclared_inputs(stage.name, keys, stage_files(stage), params, root))
+        for key in keys:
+            try:
+                _lookup(params, key)
+            except (AttributeError, KeyError):
+                problems.append(
+                    f"dvc.yaml: stage {stage.name!r} declares params key {key!r}, "
+                    "which params.yaml's schema does not have"
+                )
+        report.append(f"  {stage.name}: {', '.join(keys) or '(no params)'}")
+    named = set(input_paths(params, root).values())  # path_problems reports these with their setting
+    problems.extend(missing_dependencies(stages, planned, named, root))
     if problems:
         raise ParamsError("\n".join(problems))
     return report
 
 
-def missing_dependencies(stages: list[Any], root: Path) -> list[str]:
-    """Deps that neither exist nor come from a stage: DVC would stop there mid-run; say so up front."""
-    produced = [Path(out.fs_path) for stage in stages for out in stage.outs]
+def missing_dependencies(
+    stages: list[Any], planned: dict[Path, PlannedOutput], named: Collection[Path], root: Path
+) -> list[str]:
+    """Deps that will not be there when their stage runs: DVC would stop there mid-run; say so up front."""
     problems = []
     for stage in stages:
         for dep in stage.deps:
             if getattr(dep, "params", None) is not None or dep.protocol != "local":
                 continue
             path = Path(dep.fs_path)
-            # an output, a file inside one, or a folder that outputs go into
-            if path.exists() or any(path.is_relative_to(out) or out.is_relative_to(path) for out in produced):
+            # there, written by a stage, or a folder that outputs go into
+            if path in named or will_exist(path, planned) or any(out.is_relative_to(path) for out in planned):
                 continue
             shown = path.relative_to(root) if path.is_relative_to(root) else path
             problems.append(
-                f"dvc.yaml: stage {stage.addressing!r} depends on {shown}, "
+                f"dvc.yaml: stage {stage.name!r} depends on {shown}, "
                 "which does not exist and no stage produces. A model or dataset from the Hugging Face hub "
                 "comes in through a params.yaml `hub` entry (fetched into data/hub/<name>; see README)."
             )
     return problems
-
-
-def main() -> None:
-    try:
-        report = check()
-    except ParamsError as error:
-        raise SystemExit(f"error: {error}") from None
-    print("params.yaml is valid; stages read:")
-    print("\n".join(report))
-
-
-if __name__ == "__main__":
-    main()

@@ -27,11 +27,12 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-from pipeline.atomic import atomic_dir, dumps_json
+from pipeline.atomic import atomic_dir, atomic_path, dumps_json
 from pipeline.curves import last_value
 from pipeline.lineage import model_id, write_lineage
-from pipeline.params import PROJECT_ROOT, SFTSettings
-from pipeline.stage import DVCLIVE_DIR_VARIABLE
+from pipeline.params import PROJECT_ROOT, InputError, SFTSettings
+from pipeline.records import json_records, open_parquet
+from pipeline.stage import DVCLIVE_DIR_VARIABLE, die_with_parent
 
 log = logging.getLogger("pipeline.sft")
 
@@ -117,8 +118,63 @@ def dataset_format(dataset: str | Path) -> str:
     """axolotl's `ds_type` for a local file."""
     suffix = Path(dataset).suffix
     if suffix not in DATASET_FORMATS:
-        raise SystemExit(f"error: SFT dataset {dataset}: use a {', '.join(DATASET_FORMATS)} file of chat messages")
+        raise InputError(f"SFT dataset {dataset}: use a {', '.join(DATASET_FORMATS)} file of chat messages")
     return DATASET_FORMATS[suffix]
+
+
+CHAT_ROW = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+
+
+def check_chat_row(path: Path, where: str, row: Any) -> None:
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{path} {where} has no `messages` list; each row must look like {CHAT_ROW}")
+    for message in messages:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):  # fmt: skip
+            raise InputError(
+                f"{path} {where}: a message lacks a `role` or `content` string ({json.dumps(message)[:80]}); "
+                f"each row must look like {CHAT_ROW}"
+            )
+
+
+def check_chat_parquet(path: Path) -> None:
+    """The `messages` column's type and the row count, from the footer alone."""
+    import pyarrow
+
+    parquet = open_parquet(path)
+    schema = parquet.schema_arrow
+    if "messages" not in schema.names:
+        raise InputError(f"SFT dataset {path} has no `messages` column (columns: {schema.names})")
+    column = schema.field("messages").type
+    fields = column.value_type if pyarrow.types.is_list(column) or pyarrow.types.is_large_list(column) else None
+    if fields is None or not pyarrow.types.is_struct(fields) or not {"role", "content"} <= set(fields.names):
+        raise InputError(
+            f"SFT dataset {path}: column `messages` is {column}; it must be a list of {{role, content}} structs"
+        )
+    if not parquet.metadata.num_rows:
+        raise InputError(f"SFT dataset {path} has no rows")
+
+
+def check_sft_dataset(path: Path) -> None:
+    """Raise InputError unless `path` is a chat-messages file axolotl can train on: a .jsonl/.json
+    file of UTF-8 JSON rows, each with a non-empty `messages` list of {role, content} messages,
+    or a .parquet file with such a column; at least one row. One pass over the file, no tokenizer:
+    cheap enough for `make check`."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"SFT dataset {path} is a folder; give one {', '.join(DATASET_FORMATS)} file of chat messages")
+    if not path.is_file():
+        raise InputError(f"SFT dataset {path} does not exist")
+    if dataset_format(path) == "parquet":
+        check_chat_parquet(path)
+        return
+    rows = 0
+    for where, row in json_records(path):
+        check_chat_row(path, where, row)
+        rows += 1
+    if not rows:
+        raise InputError(f"SFT dataset {path} has no rows; write one {CHAT_ROW} per line")
 
 
 def write_replay(text_file: Path, base_model: str, settings: SFTSettings, out: Path) -> None:
@@ -158,8 +214,8 @@ def write_replay(text_file: Path, base_model: str, settings: SFTSettings, out: P
         if len(passages) >= settings.replay_rows:
             break
     if len(passages) < settings.replay_rows:
-        raise SystemExit(
-            f"error: replay_rows is {settings.replay_rows}, but {text_file} gives only {len(passages)} passages "
+        raise InputError(
+            f"replay_rows is {settings.replay_rows}, but {text_file} gives only {len(passages)} passages "
             f"of at most {max_tokens} tokens (replay_max_tokens {settings.replay_max_tokens}, sequence_len "
             f"{settings.sequence_len}): lower replay_rows or raise replay_max_tokens"
         )
@@ -173,8 +229,13 @@ def read_texts(path: Path) -> list[str]:
 
         return pyarrow.parquet.read_table(path, columns=["text"]).column("text").to_pylist()
     if path.suffix != ".jsonl":
-        raise SystemExit(f"error: finetune.replay_text {path}: use a .jsonl or .parquet file with a `text` column")
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+        raise InputError(f"finetune.replay_text {path}: use a .jsonl or .parquet file with a `text` column")
+    texts = []
+    for where, row in json_records(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise InputError(f'{path} {where} has no `text` string; each row must look like {{"text": "..."}}')
+        texts.append(row["text"])
+    return texts
 
 
 def count_long_rows(dataset: Path, tokenizer: Any, sequence_len: int) -> tuple[int, int]:
@@ -183,7 +244,7 @@ def count_long_rows(dataset: Path, tokenizer: Any, sequence_len: int) -> tuple[i
 
     rows = load_dataset(dataset_format(dataset), data_files=str(dataset), split="train")
     if "messages" not in rows.column_names:
-        raise SystemExit(f"error: SFT dataset {dataset} has no `messages` column (columns: {rows.column_names})")
+        raise InputError(f"SFT dataset {dataset} has no `messages` column (columns: {rows.column_names})")
     lengths = [len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
                for messages in rows["messages"]]  # fmt: skip
     too_long = sum(length > sequence_len for length in lengths)
@@ -193,11 +254,11 @@ def count_long_rows(dataset: Path, tokenizer: Any, sequence_len: int) -> tuple[i
 def check_dropped(settings: SFTSettings, dataset: Path, where: str, rows: int, dropped: int, when: str) -> None:
     """`where`: the params key of the run's settings (finetune.experts.<expert>, moe_finetune.runs.<run>)."""
     if not rows:
-        raise SystemExit(f"error: {where}: dataset {dataset} has no rows")
+        raise InputError(f"{where}: dataset {dataset} has no rows")
     if dropped == rows or dropped / rows > settings.max_dropped_share:
         defaults = where.split(".")[0] + ".defaults"
-        raise SystemExit(
-            f"error: {dropped} of {rows} rows of {dataset} {when} longer than sequence_len {settings.sequence_len} "
+        raise InputError(
+            f"{dropped} of {rows} rows of {dataset} {when} longer than sequence_len {settings.sequence_len} "
             f"tokens; axolotl drops them (max_dropped_share is {settings.max_dropped_share}). Raise "
             f"{where}.sequence_len (or {defaults}.sequence_len), or max_dropped_share."
         )
@@ -216,11 +277,18 @@ def start_axolotl(module: str, config_path: Path, live_dir: Path, *extra: str) -
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     command = [sys.executable, "-m", module, str(config_path), *extra]
     log.info("running %s", " ".join(command))
-    return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT)
+    # axolotl dies with the stage: no orphan trains on after a stop
+    return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, preexec_fn=die_with_parent)
 
 
 def wait_for_axolotl(process: subprocess.Popen) -> None:
-    if process.wait() != 0:
+    try:
+        process.wait()
+    except BaseException:  # the stage is stopping (SIGTERM, Ctrl-C): stop axolotl first
+        process.kill()
+        process.wait()
+        raise
+    if process.returncode != 0:
         command = " ".join(process.args[1:])
         raise SystemExit(f"error: `{command}` failed with exit code {process.returncode} (its log is above)")
 
@@ -252,10 +320,25 @@ def run(
     extra_config: axolotl keys on top of the generated ones (the MoE runs' modes). With
     settings.replay_rows, that many passages of replay_text join the SFT rows.
     """
+    check_sft_dataset(dataset)  # before axolotl starts: a bad file costs seconds, not its start-up
+    if target.work_dir.exists():
+        shutil.rmtree(target.work_dir)
+    target.work_dir.mkdir(parents=True)
+    try:
+        return train(settings, base_model, dataset, target, replay_text, extra_config)
+    finally:  # whichever way the run ends: the scratch folder goes (axolotl's checkpoints are not resumed)
+        shutil.rmtree(target.work_dir, ignore_errors=True)
+
+
+def train(
+    settings: SFTSettings,
+    base_model: str,
+    dataset: Path,
+    target: Target,
+    replay_text: Path | None,
+    extra_config: dict[str, Any] | None,
+) -> dict[str, Any]:
     work_dir, where = target.work_dir, target.where
-    if work_dir.exists():
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
     replay = None
     if settings.replay_rows:
         if replay_text is None:
@@ -283,7 +366,6 @@ def run(
     except BaseException:
         training.kill()
         training.wait()
-        shutil.rmtree(work_dir)
         raise
     log.info("%d rows, %d longer than %d tokens", rows, too_long, settings.sequence_len)
     wait_for_axolotl(training)
@@ -310,11 +392,8 @@ def run(
         (tmp / "README.md").write_text(model_card(target, base_model, str(dataset), settings, summary))
         lineage_settings = {"sft": settings.model_dump(mode="json"), "dataset": str(dataset), **(extra_config or {})}
         write_lineage(tmp, target.kind, target.name, target.stage, [model_id(base_model)], lineage_settings)
-    if target.live_dir.exists():
-        shutil.rmtree(target.live_dir)
-    target.live_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(work_live, target.live_dir)
-    shutil.rmtree(work_dir)
+    with atomic_path(target.live_dir) as tmp:
+        shutil.move(work_live, tmp)
     return summary
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import gc
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import Any
 
-from pipeline.params import PROJECT_ROOT, ComputeSettings, ParamsError, load_stage_params
+from pipeline.params import PROJECT_ROOT, ComputeSettings, InputError, load_stage_params
 
 log = logging.getLogger("pipeline")
 
@@ -92,16 +94,61 @@ def skip_final_garbage_collection() -> None:
     atexit.register(gc.freeze)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the process that started this one (DVC, or the stage for
+    axolotl) dies, so that no orphan goes on to replace an output DVC has since restored.
+
+    Linux only (elsewhere a no-op). Also usable as a subprocess `preexec_fn`.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def exit_on_termination() -> None:
+    """Turn SIGTERM and SIGHUP into SystemExit, so that `finally` blocks and context managers run:
+    temporaries are removed (pipeline/atomic.py) and axolotl is stopped (pipeline/sft.py)."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(f"stopped by {signal.Signals(signum).name}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
+def report_input_errors() -> None:
+    """Print bad input (InputError, params included) as its one-line message, not a traceback."""
+    default = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+        if isinstance(error, InputError):
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            default(kind, error, traceback)
+
+    sys.excepthook = hook
+
+
 def start(stage: str) -> Any:
     """Set up logging and return the settings `stage` declares; exit with the message on bad params.
 
+    The stage stops cleanly on SIGTERM/SIGHUP and when DVC dies, and prints bad input as one line.
     A stage that declares `compute` gets its kernels and threads fixed here (configure_compute).
     """
     skip_final_garbage_collection()
     setup_logging()
+    exit_on_termination()
+    die_with_parent()
+    report_input_errors()
     try:
         params = load_stage_params(stage)
-    except ParamsError as error:
+    except InputError as error:
         raise SystemExit(f"error: {error}") from None
     log.info("stage %s: settings validated", stage)
     if params.declares("compute"):

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_dir, write_json, write_jsonl
-from pipeline.params import CorpusSettings, DataSettings, SkillSettings, WorldSettings
+from pipeline.params import CorpusSettings, DataSettings, InputError, SkillSettings, WorldSettings
+from pipeline.records import json_records, open_parquet, text_lines
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.data")
@@ -252,7 +253,7 @@ def skill_datasets(
     while len(eval_rows) < settings.eval_examples:
         attempts += 1
         if attempts > 100 * settings.eval_examples:
-            raise ValueError(
+            raise InputError(
                 f"data.skills.eval_examples={settings.eval_examples} is more distinct {skill} questions "
                 "than can be drawn; lower it"
             )
@@ -285,6 +286,26 @@ def story_eval(n: int, n_endings: int, capitals: dict[str, str], rng: random.Ran
     return rows
 
 
+def check_corpus_file(path: Path, text_field: str) -> None:
+    """Raise InputError naming the file and line unless the local corpus file holds rows the
+    datasets library reads: UTF-8 text, JSON rows with `text_field`, or a readable parquet file."""
+    if path.suffix == ".parquet":
+        rows = open_parquet(path).metadata.num_rows
+    elif path.suffix == ".txt":
+        rows = sum(1 for _, line in text_lines(path) if line.strip())
+    else:
+        rows = 0
+        for where, row in json_records(path):
+            if not isinstance(row, dict) or text_field not in row:
+                columns = ", ".join(row) if isinstance(row, dict) else f"none, it is a JSON {type(row).__name__}"
+                raise InputError(
+                    f"corpus {path} {where} has no data.corpus.text_field={text_field!r} field; columns: {columns}"
+                )
+            rows += 1
+    if not rows:
+        raise InputError(f"corpus {path} has no rows; data.corpus.path must name a file of documents")
+
+
 def load_documents(corpus: CorpusSettings) -> list[str]:
     """Documents from a local file or a hub dataset, through datasets.load_dataset."""
     import datasets  # imported here: slow, and it reads the offline flags at import
@@ -297,17 +318,18 @@ def load_documents(corpus: CorpusSettings) -> list[str]:
             ".json": ("json", {}),
             ".parquet": ("parquet", {}),
         }[path.suffix]
+        check_corpus_file(path, corpus.text_field)
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     else:
         dataset = datasets.load_dataset(corpus.name, corpus.config_name, split=corpus.split)
     if corpus.text_field not in dataset.column_names:
-        raise ValueError(
+        raise InputError(
             f"data.corpus.text_field={corpus.text_field!r} is not a column of the corpus; "
             f"columns: {', '.join(dataset.column_names)}"
         )
     documents = [text for text in dataset[corpus.text_field] if text and text.strip()]
     if not documents:
-        raise ValueError(f"the corpus ({corpus.path or corpus.name}) has no non-empty documents")
+        raise InputError(f"the corpus ({corpus.path or corpus.name}) has no non-empty documents")
     return documents
 
 
@@ -319,7 +341,7 @@ def split_documents(
     n_val = max(1, round(len(order) * val_fraction))
     n_test = max(1, round(len(order) * test_fraction))
     if n_val + n_test >= len(order):
-        raise ValueError(
+        raise InputError(
             f"the corpus has {len(order)} documents: too few to hold out {n_val} for val and {n_test} for test"
         )
     pick = lambda indices: [documents[i] for i in sorted(indices)]  # noqa: E731 - keeps file order

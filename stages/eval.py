@@ -42,7 +42,8 @@ from pipeline.atomic import atomic_dir, dumps_json, write_json
 from pipeline.kinds import MODEL_KINDS
 from pipeline.lineage import LINEAGE_FILE
 from pipeline.lineage import model_id as lineage_id
-from pipeline.params import EMBEDDED_TASKS, EvalSettings
+from pipeline.params import EMBEDDED_TASKS, EvalSettings, InputError
+from pipeline.records import json_records
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.eval")
@@ -56,6 +57,10 @@ CHOICE_METRICS = [
     {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
     {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
 ]
+# The fields each embedded task reads from every row of its eval set (the data stage writes them).
+SKILL_FIELDS = ("question", "answer", "choices", "label")
+STORY_FIELDS = ("context", "endings", "label")
+TEXT_FIELDS = ("text",)
 
 
 def question_prompt(settings: EvalSettings) -> str:
@@ -86,10 +91,7 @@ def embedded_task_configs(settings: EvalSettings, eval_dir: Path, corpus_dir: Pa
     """
     configs: list[dict[str, Any]] = []
     if "skills" in settings.tasks:
-        skills = sorted(p.stem for p in eval_dir.glob("*.jsonl") if p.stem != "stories")
-        if not skills:
-            raise SystemExit(f"error: eval.tasks has 'skills' but {eval_dir} holds no <skill>.jsonl eval sets")
-        for skill in skills:
+        for skill in skill_names(eval_dir):
             data = local_dataset(eval_dir / f"{skill}.jsonl")
             configs.append(
                 {
@@ -147,6 +149,53 @@ def embedded_task_configs(settings: EvalSettings, eval_dir: Path, corpus_dir: Pa
             }
         )
     return configs
+
+
+def skill_names(eval_dir: Path) -> list[str]:
+    skills = sorted(p.stem for p in eval_dir.glob("*.jsonl") if p.stem != "stories")
+    if not skills:
+        raise InputError(f"eval.tasks has 'skills' but {eval_dir} holds no <skill>.jsonl eval sets")
+    return skills
+
+
+def eval_set_files(settings: EvalSettings, eval_dir: Path, corpus_dir: Path) -> dict[Path, tuple[str, ...]]:
+    """The local files the tasks in settings.tasks read -> the fields each of their rows needs
+    (none for a standard task's own JSON files: lm-eval's task YAML names them)."""
+    files: dict[Path, tuple[str, ...]] = {}
+    if "skills" in settings.tasks:
+        files.update({eval_dir / f"{skill}.jsonl": SKILL_FIELDS for skill in skill_names(eval_dir)})
+    if "stories" in settings.tasks:
+        files[eval_dir / "stories.jsonl"] = STORY_FIELDS
+    if "perplexity" in settings.tasks:
+        files[corpus_dir / "test.jsonl"] = TEXT_FIELDS
+    for splits in settings.task_data.values():
+        files.update({Path(path): () for path in splits.values() if Path(path).suffix in (".json", ".jsonl")})
+    return files
+
+
+def check_eval_set(path: Path, fields: tuple[str, ...]) -> None:
+    """Raise InputError unless `path` is a UTF-8 JSON Lines file of at least one object, each with `fields`.
+
+    lm-eval fails on an empty set with an UnboundLocalError, on a bad one with a byte offset."""
+    if not path.is_file():
+        state = "a folder" if path.is_dir() else "missing"
+        raise InputError(f"eval set {path} is {state}; it must be a .jsonl file (rerun the stage that makes it)")
+    valid = "one JSON object per line" + (f", each with {', '.join(fields)}" if fields else "")
+    rows = 0
+    for where, row in json_records(path):
+        if not isinstance(row, dict):
+            raise InputError(f"eval set {path} {where} is not a JSON object; write {valid}")
+        if missing := [field for field in fields if field not in row]:
+            raise InputError(f"eval set {path} {where} lacks {missing}; write {valid}")
+        rows += 1
+    if not rows:
+        raise InputError(f"eval set {path} has no rows; write {valid}")
+
+
+def check_eval_sets(settings: EvalSettings, eval_dir: Path, corpus_dir: Path) -> None:
+    """Every eval set the tasks in settings.tasks read, checked before lm-eval starts (cheap: one pass each)."""
+    for path, fields in eval_set_files(settings, eval_dir, corpus_dir).items():
+        check_eval_set(path, fields)
 
 
 def standard_task_override(name: str, data_files: dict[str, str], builtin_yaml: str) -> dict[str, Any]:
@@ -240,14 +289,14 @@ def copy_lineage(model_dir: Path, model_id: str, path: Path) -> None:
         return
     declared = lineage_id(model_dir)
     if declared != model_id:
-        raise SystemExit(f"error: --name is {model_id} but {source} names {declared}")
+        raise InputError(f"--name is {model_id} but {source} names {declared}")
     shutil.copyfile(source, path)
 
 
 def check_model_id(model_id: str) -> None:
     kind, _, name = model_id.partition("/")
     if kind not in MODEL_KINDS or not name:
-        raise SystemExit(f"error: --name {model_id!r} must be <kind>/<name> with a kind of {', '.join(MODEL_KINDS)}")
+        raise InputError(f"--name {model_id!r} must be <kind>/<name> with a kind of {', '.join(MODEL_KINDS)}")
 
 
 def run(
@@ -256,6 +305,7 @@ def run(
     """Evaluate the model `model_id` (`<kind>/<name>`); write raw results, samples, items and
     lineage to raw_dir; return the metrics."""
     check_model_id(model_id)
+    check_eval_sets(settings, eval_dir, corpus_dir)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -274,7 +324,7 @@ def run(
         manager = TaskManager(include_path=str(tasks_dir), include_defaults=bool(standard))
         unknown = [name for name in standard if name not in manager.all_tasks]
         if unknown:
-            raise SystemExit(f"error: eval.tasks: {unknown} are not lm-eval tasks (see `lm-eval ls tasks`)")
+            raise InputError(f"eval.tasks: {unknown} are not lm-eval tasks (see `lm-eval ls tasks`)")
         overrides = []
         for name in standard:
             if name in settings.task_data:

@@ -13,6 +13,7 @@ tokenizer and a model card naming its parents and method.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_dir, dumps_json
-from pipeline.lineage import model_id, write_lineage
-from pipeline.params import MERGE_METHODS, MergeRecipe
+from pipeline.lineage import LINEAGE_FILE, model_id, write_lineage
+from pipeline.params import MERGE_METHODS, InputError, MergeRecipe
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.merge")
@@ -43,11 +44,53 @@ def mergekit_config(recipe: MergeRecipe, experts: dict[str, str], base_model: st
         config["base_model"] = next(iter(experts.values()))
     elif recipe.uses_base_model():
         if base_model is None:
-            raise SystemExit(f"error: {recipe.method} merges task vectors and needs the experts' base model")
+            raise InputError(f"{recipe.method} merges task vectors and needs the experts' base model")
         config["base_model"] = base_model
     if shared:
         config["parameters"] = shared
     return config
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file, or None. Reads the 8-byte header length and the
+    JSON header only: the tensors' byte ranges it lists must end exactly at the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        header_length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or 8 + header_length > size:
+            return f"{size} bytes, shorter than its header"
+        try:
+            header = json.loads(handle.read(header_length))
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not a safetensors header"
+    expected = 8 + header_length + max(ends, default=0)
+    return f"{size} bytes where its header needs {expected}" if size != expected else None
+
+
+def remake_hint(folder: Path) -> str:
+    """How to make a model folder again: the stage its lineage.json names."""
+    try:
+        stage = json.loads((folder / LINEAGE_FILE).read_text())["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "make or copy the model again"
+    return f"re-run the stage that makes it: `dvc repro -f {stage}`"
+
+
+def check_model_folders(config: dict[str, Any]) -> None:
+    """Raise InputError naming the first model of the mergekit configuration whose weights are
+    missing or cut short: mergekit would fail on it with a stack trace that names no model."""
+    folders = [model["model"] for model in config["models"]] + [config.get("base_model")]
+    for folder in map(Path, dict.fromkeys(filter(None, folders))):
+        if not folder.is_dir():
+            raise InputError(f"model folder {folder} does not exist")
+        shards = sorted(folder.glob("*.safetensors"))
+        if not shards:
+            raise InputError(f"model folder {folder} has no .safetensors weights; {remake_hint(folder)}")
+        for shard in shards:
+            if problem := safetensors_problem(shard):
+                raise InputError(f"{shard} is truncated or corrupt ({problem}); {remake_hint(folder)}")
 
 
 def run(recipe_name: str, recipe: MergeRecipe, experts: dict[str, str], base_model: str | None,
@@ -60,7 +103,8 @@ def run(recipe_name: str, recipe: MergeRecipe, experts: dict[str, str], base_mod
     try:
         merge_config = MergeConfiguration.model_validate(config)
     except Exception as error:  # pydantic's ValidationError, or mergekit's own checks
-        raise SystemExit(f"error: merge.recipes.{recipe_name}: mergekit rejects the configuration: {error}") from None
+        raise InputError(f"merge.recipes.{recipe_name}: mergekit rejects the configuration: {error}") from None
+    check_model_folders(config)
     log.info("merging %s with %s", ", ".join(experts), recipe.method)
     options = MergeOptions(
         copy_tokenizer=True,

@@ -10,8 +10,10 @@ Inputs: the token files and tokenizer of the tokenize stage.
 Outputs:
 - model/: a Hugging Face model folder (safetensors, config, generation config, tokenizer, model card).
 - checkpoints/: resumable state every `checkpoint_interval` steps. A rerun with the same
-  settings continues from the newest one and ends with the same weights as an uninterrupted
-  run (bitwise on CPU with fixed threads). Not a DVC output, so DVC never deletes it (dvc.yaml).
+  settings continues from the newest readable one (a checkpoint cut short is skipped with a
+  warning) and ends with the same weights as an uninterrupted run (bitwise on CPU with fixed
+  threads). Checkpoints of other settings stay until this run has written its first one. Not a
+  DVC output, so DVC never deletes it (dvc.yaml).
 - live/: dvclive curves (train loss, lr, grad norm; val loss, perplexity, accuracy).
 - samples: greedy and sampled generations at step 0 and at the end, as markdown.
 - metrics: final summary JSON.
@@ -43,7 +45,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json, write_text
 from pipeline.lineage import write_lineage
-from pipeline.params import ModelSettings, PretrainSettings
+from pipeline.params import InputError, ModelSettings, PretrainSettings
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.pretrain")
@@ -439,36 +441,76 @@ def settings_fingerprint(settings: PretrainSettings, tokens_meta: dict, world_si
     return hashlib.sha256(dumps_json(payload).encode()).hexdigest()[:16]
 
 
+# Whose settings made a checkpoint: plain JSON, read before anything else of it is loaded.
+CHECKPOINT_INFO = "checkpoint.json"
+
+
 def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in directory.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name)))
 
 
-def save_checkpoint(directory: Path, step: int, weights: dict, state: dict, keep: int) -> None:
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:06d}"
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    """The settings fingerprint a checkpoint folder declares; None when it declares none readable."""
+    try:
+        return json.loads((path / CHECKPOINT_INFO).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_checkpoint(directory: Path, step: int, fingerprint: str, weights: dict, state: dict, keep: int) -> None:
+    """Write step's checkpoint, then remove all others but the newest `keep` of these settings.
+
+    Checkpoints of other settings go only now, once one of this run exists: a run stopped
+    before its first checkpoint (a mistaken setting) has destroyed nothing.
+    """
     from safetensors.torch import save_file
 
-    with atomic_dir(directory / f"step-{step:06d}") as tmp:
+    with atomic_dir(checkpoint_path(directory, step)) as tmp:
         unique: dict[int, tuple[str, torch.Tensor]] = {}
         for name, tensor in weights.items():  # tied weights (embedding = head) are stored once
             unique.setdefault(tensor.data_ptr(), (name, tensor.contiguous()))
         save_file(dict(unique.values()), tmp / "model.safetensors")
         torch.save(state, tmp / "trainer_state.pt")
-    for old in checkpoint_steps(directory)[:-keep]:
-        shutil.rmtree(directory / f"step-{old:06d}")
+        (tmp / CHECKPOINT_INFO).write_text(dumps_json({"fingerprint": fingerprint, "step": step}))
+    steps = checkpoint_steps(directory)
+    ours = [s for s in steps if checkpoint_fingerprint(checkpoint_path(directory, s)) == fingerprint]
+    for old in steps:
+        if old not in ours[-keep:]:
+            shutil.rmtree(checkpoint_path(directory, old))
 
 
 def load_latest_checkpoint(directory: Path, fingerprint: str) -> tuple[dict, dict] | None:
+    """(weights, trainer state) of the newest readable checkpoint made with these settings, or None.
+
+    Only tensors and plain data are unpickled (weights_only), and only after the checkpoint's
+    JSON fingerprint matched: a tampered trainer_state.pt cannot run code. A checkpoint that
+    cannot be read (a copy cut short) is skipped with a warning for the one before it.
+    """
     from safetensors.torch import load_file
 
     steps = checkpoint_steps(directory) if directory.is_dir() else []
-    if not steps:
-        return None
-    path = directory / f"step-{steps[-1]:06d}"
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
-    if state["fingerprint"] != fingerprint:
-        log.info("checkpoint %s was made with other settings or data: starting afresh", path)
-        return None
-    log.info("resuming from %s", path)
-    return load_file(path / "model.safetensors"), state
+    unreadable = []
+    for step in reversed(steps):
+        path = checkpoint_path(directory, step)
+        if checkpoint_fingerprint(path) != fingerprint:
+            log.info("checkpoint %s: other settings or data (or no readable %s): not resumed", path, CHECKPOINT_INFO)
+            continue
+        try:
+            weights = load_file(path / "model.safetensors")
+            state = torch.load(path / "trainer_state.pt", weights_only=True)
+        except Exception as error:  # cut short, corrupt, or holding more than tensors and plain data
+            log.warning("checkpoint %s is unreadable, trying the one before it: %s", path, error)
+            unreadable.append(path)
+            continue
+        log.info("resuming from %s", path)
+        return weights, state
+    if unreadable:
+        log.warning("no readable checkpoint of these settings in %s: starting afresh", directory)
+    return None
 
 
 # Training
@@ -538,8 +580,8 @@ def run(
     meta = json.loads((tokens_dir / "meta.json").read_text())
     per_step = settings.micro_batch_size * settings.seq_len * dist.world_size
     if settings.batch_tokens % per_step:
-        raise SystemExit(
-            f"error: pretrain.batch_tokens {settings.batch_tokens} is not a multiple of micro_batch_size * seq_len "
+        raise InputError(
+            f"pretrain.batch_tokens {settings.batch_tokens} is not a multiple of micro_batch_size * seq_len "
             f"* world size = {per_step}; change batch_tokens or micro_batch_size"
         )
     accumulation = settings.batch_tokens // per_step
@@ -589,10 +631,6 @@ def run(
         torch.set_rng_state(state["torch_rng"])
         start_step, history = state["step"], state["history"]
         samples = {int(k): v for k, v in state["samples"].items()}
-    elif dist.is_main and outputs.checkpoint_dir.exists():
-        shutil.rmtree(outputs.checkpoint_dir)  # checkpoints of other settings: never resume them
-    if dist.enabled:
-        torch.distributed.barrier()  # no rank deletes what another is still reading
 
     live = curve_logger(outputs.live_dir) if dist.is_main else None
     if live:
@@ -618,7 +656,6 @@ def run(
         if dist.is_main:
             state = {
                 "step": step,
-                "fingerprint": fingerprint,
                 "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "sampler": sampler.state_dict(),
@@ -626,7 +663,7 @@ def run(
                 "history": history,
                 "samples": samples,
             }
-            save_checkpoint(outputs.checkpoint_dir, step, weights, state, settings.keep_checkpoints)
+            save_checkpoint(outputs.checkpoint_dir, step, fingerprint, weights, state, settings.keep_checkpoints)
         if dist.enabled:
             torch.distributed.barrier()
 

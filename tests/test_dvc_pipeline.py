@@ -6,6 +6,7 @@ files) into a fresh git repository, with the data shrunk so the whole test takes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -136,6 +137,9 @@ def test_repro_produces_every_output(project):
     headline = json.loads((project / "metrics/headline.json").read_text())
     assert {"dense/best_em", "moe_trained/best_em", "vs_dense/router/p_adj"} <= set(headline)
     assert "Findings" in (project / "metrics/report/index.html").read_text()
+    # dvclive's summary file would sit undeclared in folders the report depends on
+    live = ["metrics/pretrain", "metrics/finetune/addition", "metrics/dense/multitask", "metrics/moe_finetune/router"]
+    assert not [folder for folder in live if (project / folder / "metrics.json").exists()]
     # Nothing generated may be left for git to commit.
     status = sh(project, "git", "status", "--porcelain").stdout
     assert not [line for line in status.splitlines() if re.search(r"(data|models|metrics)/(?!README)", line)], status
@@ -145,6 +149,172 @@ def test_second_repro_does_nothing(project):
     result = dvc(project, "repro")
     assert stages_run(result) == set()
     assert "Data and pipelines are up to date" in result.stdout
+
+
+def workspace(project: Path) -> dict[str, str]:
+    """sha256 of every file the pipeline made or recorded: data/, models/ (checkpoints too),
+    metrics/ and dvc.lock; not the check stage's stamp, which DVC removes before rerunning it."""
+    files = [project / "dvc.lock", *(p for top in ("data", "models", "metrics") for p in (project / top).rglob("*"))]
+    return {
+        str(path.relative_to(project)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in files
+        if path.is_file() and path.name != "params_checked.txt"
+    }
+
+
+def leftovers(project: Path, *, scratch: bool = True) -> list[str]:
+    """Temporaries and work folders: beside any output, in axolotl's work folder, in .tmp/."""
+    found = [p for top in ("data", "models", "metrics") for p in (project / top).rglob("*.tmp-*")]
+    found += [*(project / "models/.finetune_work").glob("*")]
+    found += [*(project / ".tmp").glob("*")] if scratch else []
+    return sorted(str(path.relative_to(project)) for path in found)
+
+
+# Long stages, the file whose appearance says the stage is mid-work, and how it is stopped:
+# SIGKILL of DVC and the stage (a crash, the OOM killer) or SIGINT to both (Ctrl-C).
+KILLS = [
+    ("finetune@addition", "models/.finetune_work/addition/axolotl.yaml", signal.SIGINT),
+    ("eval_expert@addition", ".tmp/metrics__eval_raw__expert__addition.tmp-*", signal.SIGKILL),
+    ("merge@ties", ".tmp/models__merged__ties.tmp-*", signal.SIGKILL),
+    ("moe@merges", ".tmp/models__moe__merges.tmp-*", signal.SIGINT),
+    ("moe_finetune@router", "models/.finetune_work/moe_router/axolotl.yaml", signal.SIGKILL),
+    ("dense@multitask", "models/.finetune_work/dense_multitask/axolotl.yaml", signal.SIGINT),
+]
+
+
+def start_dvc(project: Path, *args: str) -> subprocess.Popen:
+    """`dvc *args` in its own process group (so that a test can signal DVC and its stages)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen(
+        [str(BIN / "dvc"), *args], cwd=project, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def wait_for(project: Path, pattern: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not list(project.glob(pattern)):
+        assert process.poll() is None and time.time() < deadline, f"the stage ended before {pattern} appeared"
+        time.sleep(0.02)
+
+
+def group_gone(pgid: int, timeout: float = 60) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize(("stage", "working", "signum"), KILLS, ids=[kill[0] for kill in KILLS])
+def test_a_killed_stage_leaves_nothing_behind_and_repro_restores_the_same_bytes(project, stage, working, signum):
+    before = workspace(project)
+    process = start_dvc(project, "repro", "-f", "-s", stage)
+    wait_for(project, working, process)
+    os.killpg(process.pid, signum)
+    process.wait()
+    assert group_gone(process.pid), "a process of the stage outlived the kill"
+    # nothing inside the folders stages depend on; after Ctrl-C nothing anywhere, after kill -9 only
+    # the temporary in .tmp/ (no stage depends on it), which the next write of any stage removes
+    assert leftovers(project, scratch=signum == signal.SIGKILL) == []
+    assert stages_run(dvc(project, "repro")) <= {stage}  # DVC's run-cache may restore it instead
+    assert workspace(project) == before
+
+
+def test_a_stage_dies_with_dvc_and_never_replaces_a_restored_output(project):
+    """kill -9 of DVC alone: the stage and axolotl stop too (parent-death signal), clean up, and
+    nothing overwrites what the next `dvc repro` restores."""
+    before = workspace(project)
+    process = start_dvc(project, "repro", "-f", "-s", "finetune@counting")
+    wait_for(project, "models/.finetune_work/counting/axolotl.yaml", process)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert group_gone(process.pid, timeout=30), "the stage or axolotl went on without DVC"
+    assert leftovers(project) == []
+    dvc(project, "repro")
+    assert workspace(project) == before
+
+
+LATIN_1 = '{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'.encode("latin-1")
+
+# name: (settings, files to write under the project, what the message must say)
+BAD_INPUTS = {
+    "out of range": ({"tokenize__vocab_size": 10}, {}, ["tokenize.vocab_size", "greater than or equal to 300"]),
+    "unknown key": ({"pretrain__learning_rat": 0.1}, {}, ["pretrain.learning_rat", "unknown key", "learning_rate"]),
+    "wrong type": ({"finetune__defaults__learning_rate": "fast"}, {}, ["finetune.defaults.learning_rate"]),
+    "absurd steps": ({"pretrain__max_steps": 10**12}, {}, ["pretrain.max_steps", "less than or equal"]),
+    "dataset typo": (
+        {"finetune__experts__addition__dataset": "data/sft/additon.jsonl"},
+        {},
+        ["finetune.experts.addition.dataset", "additon.jsonl", "addition.jsonl"],
+    ),
+    "dataset folder": ({"finetune__experts__addition__dataset": "data/sft"}, {}, ["finetune.experts.addition.dataset"]),
+    "missing local file": (
+        {"finetune__experts__addition__dataset": "data/local/mine.jsonl"},
+        {},
+        ["finetune.experts.addition.dataset", "data/local/mine.jsonl"],
+    ),
+    "empty local file": (
+        {"finetune__experts__addition__dataset": "data/local/empty.jsonl"},
+        {"data/local/empty.jsonl": b""},
+        ["data/local/empty.jsonl", "empty"],
+    ),
+    "not UTF-8": (
+        {"finetune__experts__addition__dataset": "data/local/latin.jsonl"},
+        {"data/local/latin.jsonl": LATIN_1},
+        ["data/local/latin.jsonl", "line 1", "UTF-8"],
+    ),
+    "unknown merge method": ({"merge__recipes__ties__method": "tiez"}, {}, ["merge.recipes.ties", "tiez"]),
+    "unknown MoE for a run": ({"mixture__moe_runs__router__moe": "nope"}, {}, ["mixture.moe_runs.router.moe", "nope"]),
+    "select more than merged": ({"select__top_k": 0}, {}, ["select.top_k"]),
+}
+
+
+@pytest.mark.parametrize(("settings", "files", "expected"), BAD_INPUTS.values(), ids=list(BAD_INPUTS))
+def test_bad_input_stops_dvc_repro_before_anything_is_lost(project, settings, files, expected):
+    """Plain `dvc repro` (not only `make check`): the check stage fails naming the culprit, before
+    DVC has deleted any stage's outputs; every output and checkpoint keeps its bytes."""
+    params = (project / "params.yaml").read_text()
+    before = workspace(project)
+    try:
+        for name, content in files.items():
+            (project / name).write_bytes(content)
+        set_params(project, **settings)
+        result = dvc(project, "repro", check=False)
+        assert result.returncode != 0
+        assert stages_run(result) == {"check"}
+        for fragment in expected:
+            assert fragment in result.stderr, (fragment, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert workspace(project) == before
+    finally:
+        (project / "params.yaml").write_text(params)
+        for name in files:
+            (project / name).unlink()
+
+
+def test_after_bad_input_is_fixed_only_the_check_reruns(project):
+    assert stages_run(dvc(project, "repro")) <= {"check"}
+    assert stages_run(dvc(project, "repro")) == set()
+
+
+def test_removing_a_recipe_removes_its_outputs_from_what_later_stages_read(project):
+    """The MoE depends on models/merged and the report on metrics/eval: a merge taken out of
+    params.yaml must not stay there (DVC's cache keeps it; putting the recipe back restores it)."""
+    params = (project / "params.yaml").read_text()
+    before = workspace(project)
+    set_params(project, merge__recipes={"linear": {"method": "linear", "parameters": {"weight": 1.0}}}, select__top_k=1)
+    dvc(project, "repro")
+    gone = ["models/merged/ties", "metrics/eval/merge/ties.json", "metrics/eval_raw/merge/ties"]
+    assert not [path for path in gone if (project / path).exists()]
+    assert "merge/ties" not in (project / "metrics/report/leaderboard.md").read_text()
+    (project / "params.yaml").write_text(params)
+    result = dvc(project, "repro")
+    assert not stages_run(result) & {"merge@ties", "eval_merge@ties"}  # restored from the cache
+    assert workspace(project) == before
 
 
 def lock_outputs(project: Path) -> dict[str, str]:
@@ -235,20 +405,6 @@ def test_changing_a_param_reruns_only_its_stages(project):
     assert stages_run(dvc(project, "repro", "tokenize")) == {"tokenize"}
     assert json.loads((project / "metrics/tokenize.json").read_text())["vocab_size"] == 500
     assert "pretrain:" in dvc(project, "status").stdout  # what reads the tokens is now out of date
-
-
-def test_bad_param_fails_before_work_and_nothing_is_lost(project):
-    before = (project / "data/tokens/train.bin").read_bytes()
-    set_params(project, tokenize__vocab_size=10)
-    result = dvc(project, "repro", check=False)
-    assert result.returncode != 0
-    assert "tokenize.vocab_size" in result.stderr and "greater than or equal to 300" in result.stderr
-    # DVC moved the stage's outputs aside before running it; they are in its cache, and
-    # fixing the setting brings them back without recomputing anything.
-    set_params(project, tokenize__vocab_size=500)
-    result = dvc(project, "repro", "tokenize")
-    assert stages_run(result) == set() and "skipping run, checking out outputs" in result.stdout
-    assert (project / "data/tokens/train.bin").read_bytes() == before
 
 
 def test_killed_pretrain_resumes_under_dvc_repro(project):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.params import EvalSettings, ParamsError, load_params
+from pipeline.params import EvalSettings, InputError, ParamsError, load_params
 from stages import eval as evaluation
 
 
@@ -75,12 +75,12 @@ def test_lineage_is_copied_from_the_model_folder(tmp_path):
     (model / "lineage.json").write_text(json.dumps(lineage))
     evaluation.copy_lineage(model, "moe_trained/full", tmp_path / "copy.json")
     assert (tmp_path / "copy.json").read_text() == (model / "lineage.json").read_text()
-    with pytest.raises(SystemExit, match="--name is moe/full but .* names moe_trained/full"):
+    with pytest.raises(InputError, match="--name is moe/full but .* names moe_trained/full"):
         evaluation.copy_lineage(model, "moe/full", tmp_path / "wrong.json")
 
 
 def test_model_id_needs_a_known_kind(tiny_data, tmp_path):
-    with pytest.raises(SystemExit, match=r"--name 'pretrain' must be <kind>/<name> with a kind of base, expert"):
+    with pytest.raises(InputError, match=r"--name 'pretrain' must be <kind>/<name> with a kind of base, expert"):
         evaluation.run(EvalSettings(), tmp_path, tiny_data / "eval", tiny_data / "corpus", tmp_path / "raw",
                        model_id="pretrain")  # fmt: skip
 
@@ -133,7 +133,7 @@ def test_standard_task_runs_offline_on_local_data(tiny_pretrained, tiny_data, tm
 
 
 def test_unknown_task_is_a_clear_error(tiny_pretrained, tiny_data, tmp_path):
-    with pytest.raises(SystemExit, match=r"eval.tasks: \['hellaswagg'\] are not lm-eval tasks"):
+    with pytest.raises(InputError, match=r"eval.tasks: \['hellaswagg'\] are not lm-eval tasks"):
         evaluation.run(EvalSettings(tasks=["hellaswagg"]), tiny_pretrained[1] / "model", tiny_data / "eval",
                        tiny_data / "corpus", tmp_path / "raw", model_id="base/pretrain")  # fmt: skip
     assert not (tmp_path / "raw").exists()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import sft
-from pipeline.params import PROJECT_ROOT, SFTSettings
+from pipeline.params import PROJECT_ROOT, InputError, SFTSettings
 
 TINY_SFT = SFTSettings(max_steps=30, learning_rate=5e-3, micro_batch_size=16, sequence_len=64, warmup_steps=3)
 
@@ -124,7 +124,7 @@ def test_lora_adapter_is_merged_into_a_full_model_and_replay_rows_join_the_sft_r
 def test_rows_too_long_fail_before_training(tiny_pretrained, tiny_data, tmp_path):
     settings = TINY_SFT.model_copy(update={"sequence_len": 12})
     with pytest.raises(
-        SystemExit,
+        InputError,
         match=r"are longer than sequence_len 12 tokens; axolotl drops them.*finetune.experts.addition.sequence_len",
     ):
         finetune_into(tmp_path, settings, tiny_pretrained[1] / "model", tiny_data / "sft" / "counting.jsonl")
@@ -168,7 +168,7 @@ def test_replay_passages_fit_in_one_row(tiny_pretrained, tiny_data, tmp_path):
 
 
 def test_too_few_replay_passages_is_a_clear_error(tiny_pretrained, tiny_data, tmp_path):
-    with pytest.raises(SystemExit, match=r"replay_rows is 100000, but .*train.jsonl gives only \d+ passages of at most "
+    with pytest.raises(InputError, match=r"replay_rows is 100000, but .*train.jsonl gives only \d+ passages of at most "
                        r"48 tokens .*lower replay_rows or raise replay_max_tokens"):  # fmt: skip
         replay_passages(tiny_data, tiny_pretrained[1] / "model", tmp_path / "replay.jsonl", replay_rows=100_000)
     assert not (tmp_path / "replay.jsonl").exists()
@@ -210,7 +210,7 @@ def test_parquet_datasets_and_their_checks(tiny_tokenized, tmp_path):
     assert config["datasets"][0]["ds_type"] == "parquet"
     wrong = tmp_path / "plain.jsonl"
     wrong.write_text('{"text": "no messages here"}\n')
-    with pytest.raises(SystemExit, match="has no `messages` column"):
-        sft.count_long_rows(wrong, tokenizer, 64)
-    with pytest.raises(SystemExit, match=r"use a .jsonl, .json, .parquet file"):
+    with pytest.raises(InputError, match=r"plain.jsonl line 1 has no `messages` list"):
+        sft.check_sft_dataset(wrong)
+    with pytest.raises(InputError, match=r"use a .jsonl, .json, .parquet file"):
         sft.dataset_format("chat.csv")

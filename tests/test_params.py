@@ -12,15 +12,23 @@ from pydantic import BaseModel
 from ruamel.yaml import YAML
 
 from pipeline.params import (
+    LOCAL_INPUTS,
     PROJECT_ROOT,
+    SFT_DATASET_SUFFIXES,
+    DataSettings,
     DeclaredView,
     Params,
     ParamsError,
     check,
+    data_stage_files,
     declared_params,
+    existing_input_files,
     load_params,
+    load_stages,
+    path_problems,
+    planned_outputs,
 )
-from tests.project import params_error
+from tests.project import copy_project, params_error, set_params, sh
 
 
 def write_params(tmp_path: Path, text: str) -> Path:
@@ -103,10 +111,12 @@ def test_duplicate_skill(tmp_path):
         ("{source: local, path: nowhere/corpus.txt}", "does not exist"),
         ("{source: local, path: corpus.csv}", "valid: .txt, .jsonl, .json, .parquet"),
         ("{source: hub}", "`name`"),
+        ("{source: local, path: TMP/folder.txt}", "is a folder: it must be a .txt, .jsonl, .json or .parquet file"),
     ],
 )
 def test_corpus_source_needs_its_fields(tmp_path, corpus, expected):
-    message = params_error(tmp_path, f"data:\n  corpus: {corpus}\n")
+    (tmp_path / "folder.txt").mkdir()
+    message = params_error(tmp_path, f"data:\n  corpus: {corpus.replace('TMP', str(tmp_path))}\n")
     assert "data.corpus" in message and expected in message
 
 
@@ -138,7 +148,7 @@ def test_view_allows_declared_keys_and_refuses_others():
 
 
 def test_make_check_cli_reports_bad_key(tmp_path):
-    """`python -m pipeline.params` (what `make check` runs) exits non-zero naming the key."""
+    """`python -m stages.check` (what `make check` runs) exits non-zero naming the key."""
     project = tmp_path / "project"
     for code in ("pipeline", "stages", "data/local"):
         shutil.copytree(PROJECT_ROOT / code, project / code, ignore=shutil.ignore_patterns("__pycache__"))
@@ -148,7 +158,7 @@ def test_make_check_cli_reports_bad_key(tmp_path):
 
     def make_check(params_text: str) -> subprocess.CompletedProcess:
         (project / "params.yaml").write_text(params_text)
-        return subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=project, capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "stages.check"], cwd=project, capture_output=True, text=True)
 
     result = make_check(shipped.replace("vocab_size: 2048", "vocab_size: -3"))
     assert result.returncode != 0
@@ -156,7 +166,7 @@ def test_make_check_cli_reports_bad_key(tmp_path):
 
     result = make_check(shipped.replace("vocab_size: 2048", "vocab_size: 500"))
     assert result.returncode == 0, result.stderr
-    assert "params.yaml is valid" in result.stdout
+    assert "params.yaml and the input files it names are valid" in result.stdout
     assert "finetune@addition: compute, finetune.base_model" in result.stdout
 
     # dvc.yaml interpolates hub and finetune.experts from params.yaml: without them, say so plainly
@@ -208,3 +218,216 @@ def test_a_file_a_setting_names_must_be_a_dependency_of_its_readers(tmp_path):
     assert undeclared_inputs("tokenize", ["tokenize"], deps, params, PROJECT_ROOT) == []
     # a folder the stage depends on holds it: fine
     assert undeclared_inputs("data", ["data"], [*deps, tmp_path], params, PROJECT_ROOT) == []
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clone of the project without outputs, with a few files of a user's own in data/local."""
+    root = copy_project(tmp_path_factory.mktemp("check") / "project")
+    sh(root, "git", "init", "-q")  # DVC wants a git repository
+    local = root / LOCAL_INPUTS
+    (local / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    (local / "arc.jsonl").write_text('{"question": "?"}\n')
+    (local / "folder.jsonl").mkdir()  # a folder with a file's name
+    (local / "model.safetensors").write_text("")
+    return root
+
+
+def shipped_with(project: Path, **updates: object) -> Path:
+    """The project with the shipped params.yaml changed by `updates` (`a__b=1` sets a.b)."""
+    shutil.copy(PROJECT_ROOT / "params.yaml", project / "params.yaml")
+    set_params(project, **updates)
+    return project
+
+
+SFT_FILE = "a .jsonl, .json or .parquet file"
+ARC = {"eval__tasks": ["skills", "arc_easy"]}
+
+
+@pytest.mark.parametrize(
+    ("updates", "expected"),
+    [
+        pytest.param(
+            {"finetune__experts__addition__dataset": "data/sft/additon.jsonl"},
+            "finetune.experts.addition.dataset is 'data/sft/additon.jsonl', which the data stage does not produce; "
+            "it makes data/sft/{addition,sorting,comparison,counting}.jsonl",
+            id="typo inside the data stage's output",
+        ),
+        pytest.param(
+            {"data__skills__names": ["addition", "sorting", "comparison"]},
+            "finetune.experts.counting.dataset is 'data/sft/counting.jsonl', which the data stage does not produce; "
+            "it makes data/sft/{addition,sorting,comparison}.jsonl",
+            id="a skill the data stage no longer makes",
+        ),
+        pytest.param(
+            {"finetune__replay_text": "data/corpus/trian.jsonl"},
+            "finetune.replay_text is 'data/corpus/trian.jsonl', which the data stage does not produce; "
+            "it makes data/corpus/{train,val,test}.jsonl",
+            id="typo in a corpus split",
+        ),
+        pytest.param(
+            {"finetune__experts__addition__dataset": "data/sft"},
+            f"finetune.experts.addition.dataset: 'data/sft' must be {SFT_FILE}, not a folder",
+            id="dataset is the data stage's folder",
+        ),
+        pytest.param(
+            {"finetune__experts__addition__dataset": "data/local/folder.jsonl"},
+            f"finetune.experts.addition.dataset is 'data/local/folder.jsonl', a folder: it must be {SFT_FILE}",
+            id="dataset is a folder in data/local",
+        ),
+        pytest.param(
+            {"finetune__experts__addition__dataset": "data/local/chat.jsnol"},
+            f"finetune.experts.addition.dataset: 'data/local/chat.jsnol' has suffix '.jsnol': it must be {SFT_FILE}",
+            id="dataset of an unknown type",
+        ),
+        pytest.param(
+            {"finetune__experts__addition__dataset": "data/local/caht.jsonl"},
+            "finetune.experts.addition.dataset is 'data/local/caht.jsonl', which does not exist, and no stage "
+            "produces it. Put your own files under data/local/",
+            id="dataset missing from data/local",
+        ),
+        pytest.param(
+            {"finetune__replay_text": "data/local/folder.jsonl"},
+            "finetune.replay_text is 'data/local/folder.jsonl', a folder: it must be a .jsonl or .parquet file",
+            id="replay text is a folder",
+        ),
+        pytest.param(
+            {**ARC, "eval__task_data": {"arc_easy": {"test": "data/local/arc_easy.jsonl"}}},
+            "eval.task_data.arc_easy.test is 'data/local/arc_easy.jsonl', which does not exist",
+            id="task data missing from data/local",
+        ),
+        pytest.param(
+            {**ARC, "eval__task_data": {"arc_easy": {"test": "data/local/folder.jsonl"}}},
+            "eval.task_data.arc_easy.test is 'data/local/folder.jsonl', a folder: it must be a .jsonl or .json file",
+            id="task data is a folder",
+        ),
+        pytest.param(
+            {**ARC, "eval__task_data": {"arc_easy": {"test": "data/local/arc.parquet"}}},
+            "eval.task_data.arc_easy.test: 'data/local/arc.parquet' has suffix '.parquet': it must be a .jsonl "
+            "or .json file",
+            id="task data that lm-eval's json loader cannot read",
+        ),
+        pytest.param(
+            {"finetune__base_model": "data/local/model.safetensors"},
+            "finetune.base_model is 'data/local/model.safetensors', a file: it must be a folder",
+            id="base model is a file",
+        ),
+        pytest.param(
+            {"finetune__base_model": "models/pretrian"},
+            "finetune.base_model is 'models/pretrian', which does not exist, and no stage produces it. Put your "
+            "own files under data/local/; models and datasets from the Hugging Face hub come in through a "
+            "params.yaml `hub` entry",
+            id="base model typo",
+        ),
+        pytest.param(
+            {"tokenize__base_model": "data/local/phi3"},
+            "tokenize.base_model is 'data/local/phi3', which does not exist",
+            id="tokenizer folder missing from data/local",
+        ),
+        pytest.param(
+            {"pretrain__max_steps": 10**12},
+            "pretrain.max_steps: Input should be less than or equal to 10000000",
+            id="pretraining forever",
+        ),
+        pytest.param(
+            {"finetune__defaults__max_steps": 10**12},
+            "finetune.defaults.max_steps: Input should be less than or equal to 1000000",
+            id="fine-tuning forever",
+        ),
+        pytest.param(
+            {"finetune__experts__addition__max_steps": 10**12},
+            "finetune.experts.addition.max_steps: Input should be less than or equal to 1000000",
+            id="an expert's override of max_steps",
+        ),
+        pytest.param(
+            {"mixture__moe_runs__merges__sequence_len": 10**9},
+            "mixture.moe_runs.merges.sequence_len: Input should be less than or equal to 1048576",
+            id="a MoE run's override of sequence_len",
+        ),
+        pytest.param(
+            {"pretrain__micro_batch_size": 10**6, "pretrain__batch_tokens": 128 * 10**6},
+            "pretrain.micro_batch_size: Input should be less than or equal to 16384",
+            id="absurd micro batch",
+        ),
+        pytest.param(
+            {"data__skills__train_examples": 10**9},
+            "data.skills.train_examples: Input should be less than or equal to 1000000",
+            id="absurd SFT rows",
+        ),
+        pytest.param(
+            {"eval__limit": 10**12},
+            "eval.limit: Input should be less than or equal to 1000000",
+            id="absurd eval limit",
+        ),
+        pytest.param(
+            {"pretrain__model__num_layers": 10**6},
+            "pretrain.model.num_layers: Input should be less than or equal to 1024",
+            id="absurd depth",
+        ),
+    ],
+)
+def test_check_refuses_settings_the_run_would_fail_on(project, updates, expected):
+    """What `make check` passed and the run then failed on: the message names the setting, the
+    value and what would be valid."""
+    with pytest.raises(ParamsError) as raised:
+        check(shipped_with(project, **updates))
+    assert expected in str(raised.value)
+
+
+def test_check_accepts_what_the_run_will_find(project):
+    """Files of the user's own, files the data stage writes, and anything inside a hub snapshot."""
+    shipped_with(
+        project,
+        finetune__experts__addition__dataset="data/local/chat.jsonl",
+        finetune__replay_text="data/corpus/val.jsonl",
+        **ARC,
+        eval__task_data={"arc_easy": {"test": "data/local/arc.jsonl"}},
+    )
+    assert check(project)
+    hub = shipped_with(
+        project,
+        hub={"chat": {"repo_id": "org/chat", "repo_type": "dataset", "revision": "main"}},
+        finetune__experts__addition__dataset="data/hub/chat/data/train-00000-of-00001.parquet",
+    )
+    params = load_params(hub / "params.yaml")
+    assert path_problems(params, planned_outputs(load_stages(hub), params), hub) == []
+
+
+def test_existing_input_files_are_the_users_own_files(project):
+    """The content checks' list: files named by settings that exist before the run, not a stage's
+    output (the run rewrites it) nor a folder."""
+    shipped_with(
+        project,
+        finetune__experts__addition__dataset="data/local/chat.jsonl",
+        finetune__base_model="data/local/folder.jsonl",
+        **ARC,
+        eval__task_data={"arc_easy": {"test": "data/local/arc.jsonl"}},
+    )
+    (project / "data/sft").mkdir(exist_ok=True)
+    (project / "data/sft/sorting.jsonl").write_text("")  # a stale output of an earlier run
+    params = load_params(project / "params.yaml")
+    assert existing_input_files(params, project) == {
+        "finetune.experts.addition.dataset": project / "data/local/chat.jsonl",
+        "eval.task_data.arc_easy.test": project / "data/local/arc.jsonl",
+    }
+
+
+def test_the_data_stage_writes_the_files_check_expects(tmp_path):
+    """check() predicts the data stage's files from data_stage_files; the stage must write exactly those."""
+    from stages.data import run
+
+    settings = DataSettings(
+        world={"corpus_megabytes": 0.01},
+        skills={"names": ["sorting", "counting"], "train_examples": 2, "eval_examples": 2},
+        story_eval_examples=2,
+    )
+    folders = {"--corpus": tmp_path / "corpus", "--sft": tmp_path / "sft", "--eval": tmp_path / "eval"}
+    run(settings, folders["--corpus"], folders["--sft"], folders["--eval"])
+    for option, files in data_stage_files(settings).items():
+        assert sorted(path.name for path in folders[option].iterdir()) == sorted(files), option
+
+
+def test_sft_dataset_types_are_the_ones_the_sft_code_reads():
+    from pipeline.sft import DATASET_FORMATS
+
+    assert set(SFT_DATASET_SUFFIXES) == set(DATASET_FORMATS)

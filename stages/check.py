@@ -1,0 +1,110 @@
+"""`check` stage: validate everything before any stage runs; remove outputs of removed stages.
+
+    python -m stages.check --out data/params_checked.txt
+
+Every other stage depends on this one's output, so `dvc repro` (whichever command started it)
+runs the check first whenever params.yaml or dvc.yaml changed, and a bad setting or input file
+stops the run before DVC deletes any stage's outputs to rerun it. It checks what `make check`
+does (pipeline/params.py: the settings, their declarations, the files they name) and the content
+of the user's input files that exist before the run (`check_input_files`); the files stages of
+the run make (data/sft, data/eval) are checked by the stages that read them.
+
+It also removes from the workspace the outputs of stages that no longer exist, such as the
+model and scores of a merge recipe taken out of params.yaml: they would otherwise stay inside
+folders that later stages depend on (models/merged, metrics/eval) and that the report reads.
+They stay in DVC's cache, so bringing the recipe back restores them without recomputing.
+
+The output says only that the check passed: always the same bytes, so a rerun of the check
+never reruns the stages after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from pipeline.atomic import write_text
+from pipeline.params import PROJECT_ROOT, InputError, Params, check, existing_input_files, load_params
+from pipeline.stage import report_input_errors, setup_logging
+
+log = logging.getLogger("stages.check")
+
+PASSED = "params.yaml, dvc.yaml and the input files they name passed the checks of stages/check.py\n"
+
+
+def check_input_files(params: Params, root: Path) -> None:
+    """Raise InputError naming each existing input file its reader would reject, and where."""
+    from pipeline.sft import check_sft_dataset
+    from stages.data import check_corpus_file
+
+    problems = []
+    for key, path in existing_input_files(params, root).items():
+        try:
+            if key.startswith("finetune.experts.") and key.endswith(".dataset"):
+                check_sft_dataset(path)
+            elif key == "data.corpus.path":
+                check_corpus_file(path, params.data.corpus.text_field)
+        except InputError as error:
+            problems.append(f"{key}: {error}")
+    if problems:
+        raise InputError("\n".join(problems))
+
+
+def stale_outputs(current: list[Any], root: Path) -> list[Path]:
+    """Outputs that dvc.lock records for stages dvc.yaml no longer has, still in the workspace.
+
+    Only paths DVC recorded (hence cached) are candidates, and never one a current stage makes.
+    """
+    lock_path = root / "dvc.lock"
+    lock = YAML(typ="safe").load(lock_path.read_text()) if lock_path.is_file() else None
+    names = {stage.addressing for stage in current}
+    produced = {Path(out.fs_path) for stage in current for out in stage.outs}
+    stale = []
+    for name, entry in ((lock or {}).get("stages") or {}).items():
+        if name in names:
+            continue
+        for out in entry.get("outs") or []:
+            path = root / out["path"]
+            if path not in produced and (path.exists() or path.is_symlink()):
+                stale.append(path)
+    return sorted(stale)
+
+
+def remove_stale_outputs(root: Path) -> list[Path]:
+    from dvc.repo import Repo  # imported here: DVC takes a second to import
+
+    with Repo(str(root)) as repo:
+        stale = stale_outputs(list(repo.index.stages), root)
+    for path in stale:
+        log.info("removing %s: its stage is no longer in dvc.yaml (DVC's cache keeps it)", path.relative_to(root))
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return stale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="the stage's output; without it (`make check`), only validate")
+    args = parser.parse_args()
+    setup_logging()
+    report_input_errors()
+    report = check(PROJECT_ROOT)  # raises InputError naming every bad setting
+    check_input_files(load_params(PROJECT_ROOT / "params.yaml"), PROJECT_ROOT)
+    if args.out is None:
+        print("params.yaml and the input files it names are valid; stages read:")
+        print("\n".join(report))
+        return
+    log.info("settings and input files are valid")
+    remove_stale_outputs(PROJECT_ROOT)
+    write_text(args.out, PASSED)
+
+
+if __name__ == "__main__":
+    main()

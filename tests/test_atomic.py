@@ -1,0 +1,124 @@
+"""Atomic outputs and stopping stages: temporaries never sit where a stage depends, and go away."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.atomic import SCRATCH, atomic_dir, atomic_path, write_text
+from pipeline.params import PROJECT_ROOT
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch) -> Path:
+    """An empty project folder as the working directory, as DVC runs stages."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_temporaries_live_in_the_scratch_folder_not_beside_the_output(project):
+    final = project / "models/merged/ties"
+    (project / "models/merged/linear").mkdir(parents=True)
+    with atomic_dir(final) as tmp:
+        (tmp / "model.safetensors").write_text("weights")
+        assert tmp.parent == project / SCRATCH
+        assert sorted(p.name for p in final.parent.iterdir()) == ["linear"]  # what the MoE would hash
+    assert (final / "model.safetensors").read_text() == "weights"
+    assert list((project / SCRATCH).iterdir()) == []
+
+
+def test_a_failed_write_keeps_the_old_output_and_leaves_no_temporary(project):
+    write_text(project / "metrics/select.json", "old\n")
+    with pytest.raises(RuntimeError), atomic_path(project / "metrics/select.json") as tmp:
+        tmp.write_text("new, half")
+        raise RuntimeError("stage failed")
+    with pytest.raises(RuntimeError), atomic_dir(project / "metrics/report") as tmp:
+        (tmp / "index.html").write_text("half")
+        raise RuntimeError("stage failed")
+    assert (project / "metrics/select.json").read_text() == "old\n"
+    assert not (project / "metrics/report").exists()
+    assert list((project / SCRATCH).iterdir()) == []
+
+
+def test_temporaries_of_killed_writers_go_with_the_next_write(project):
+    scratch = project / SCRATCH
+    scratch.mkdir()
+    killed = scratch / f"models__merged__ties.tmp-{dead_pid()}"
+    killed.mkdir()
+    running = scratch / f"models__moe__merges.tmp-{os.getppid()}"  # a live process: still writing
+    running.mkdir()
+    write_text(project / "metrics/data.json", "{}\n")
+    assert not killed.exists() and running.exists()
+
+
+def test_outputs_outside_the_working_directory_keep_their_temporaries_beside_them(project, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    with atomic_dir(elsewhere / "model") as tmp:
+        assert tmp.parent == elsewhere and tmp.name.startswith(".model.tmp-")
+    assert (elsewhere / "model").is_dir()
+
+
+STAGE = """
+import sys, time
+from pathlib import Path
+from pipeline.atomic import atomic_dir
+from pipeline.stage import die_with_parent, exit_on_termination
+exit_on_termination()
+die_with_parent()
+with atomic_dir(Path("models/experts/addition")) as tmp:
+    (tmp / "model.safetensors").write_text("half")
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+def run_stage(project: Path, *prefix: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-c", STAGE], cwd=project, env=env, stdout=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stopped_stage_removes_its_temporary(project, signum):
+    stage = run_stage(project)
+    assert stage.stdout.readline() == "writing\n"
+    stage.send_signal(signum)
+    assert stage.wait(timeout=30) != 0
+    assert list((project / SCRATCH).iterdir()) == []
+    assert not (project / "models/experts/addition").exists()
+
+
+def test_a_stage_stops_when_its_parent_dies(project):
+    """The parent (DVC, or the stage for axolotl) killed with -9: the child gets SIGTERM from the
+    kernel and cleans up, instead of finishing later over an output restored meanwhile."""
+    parent = run_stage(project, "sh", "-c", 'exec "$@" & wait', "parent")
+    assert parent.stdout.readline() == "writing\n"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while group_alive(parent.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(parent.pid), "the stage went on without its parent"
+    assert list((project / SCRATCH).iterdir()) == []
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
