@@ -86,7 +86,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_produces_every_output(project):
     result = dvc(project, "repro")
-    expected = {"data", "tokenize", "pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES, *MOE, *DENSE}
+    expected = {"check", "data", "tokenize", "pretrain", "eval@pretrain", "report", *EXPERTS, *MERGES, *MOE, *DENSE}
     assert stages_run(result) == expected
     for path in (
         "data/corpus/train.jsonl",
@@ -364,45 +364,46 @@ def test_another_clone_path_and_a_forced_rerun_give_the_same_bytes(project, tmp_
 
 
 def test_changing_a_param_reruns_only_its_stages(project):
+    # after every change to params.yaml the check stage runs first (stages/check.py), in seconds
     evals = {"eval@pretrain", "eval_expert@addition", "eval_expert@counting", "report"}
     evals |= {"eval_merge@linear", "eval_merge@ties", "select", "eval_moe@merges", "eval_moe_trained@router"}
     evals |= {"eval_dense@multitask"}
     # the selection file carries the scores: when they move, the MoE is rebuilt, to the same
     # bytes, so its training never reruns
     set_params(project, eval__limit=3)
-    assert stages_run(dvc(project, "repro")) - {"moe@merges"} == evals
+    assert stages_run(dvc(project, "repro")) - {"moe@merges"} == {"check", *evals}
 
     # one expert's setting: that expert, its eval, the merges and what follows; never the other
     # expert. The dense run reads the experts' dataset paths from finetune.experts, which DVC
     # tracks as one param, so it reruns too, to the same bytes: its eval does not.
     set_params(project, finetune__experts__addition__learning_rate=0.001)
-    expected = {"finetune@addition", "eval_expert@addition", *MERGES, *MOE, "dense@multitask", "report"}
+    expected = {"check", "finetune@addition", "eval_expert@addition", *MERGES, *MOE, "dense@multitask", "report"}
     assert stages_run(dvc(project, "repro")) == expected
 
     # one recipe's parameter: that merge and what depends on it (both merges make the MoE)
     set_params(project, merge__recipes__ties__parameters__density=0.7)
-    assert stages_run(dvc(project, "repro")) == {"merge@ties", "eval_merge@ties", "select", *MOE, "report"}
+    assert stages_run(dvc(project, "repro")) == {"check", "merge@ties", "eval_merge@ties", "select", *MOE, "report"}
 
     # the MoE training run's setting: that run and its eval only
     set_params(project, mixture__moe_runs__router__learning_rate=0.001)
-    assert stages_run(dvc(project, "repro")) == {"moe_finetune@router", "eval_moe_trained@router", "report"}
+    assert stages_run(dvc(project, "repro")) == {"check", "moe_finetune@router", "eval_moe_trained@router", "report"}
 
     # the dense baseline's setting: that run and its eval only
     set_params(project, mixture__dense_runs__multitask__learning_rate=0.001)
-    assert stages_run(dvc(project, "repro")) == {"dense@multitask", "eval_dense@multitask", "report"}
+    assert stages_run(dvc(project, "repro")) == {"check", "dense@multitask", "eval_dense@multitask", "report"}
 
     # upstream settings: the stage itself reruns, and everything reading its output is then out
     # of date (the expert's cascade above already ran through merges and MoE; from here on single
     # targets are rerun, as a full cascade takes minutes)
     set_params(project, pretrain__learning_rate=0.002)
-    assert stages_run(dvc(project, "repro", "pretrain")) == {"pretrain"}
+    assert stages_run(dvc(project, "repro", "pretrain")) == {"check", "pretrain"}
     status = dvc(project, "status").stdout
     assert "finetune@addition:" in status and "eval@pretrain:" in status and "merge@ties:" in status
 
     set_params(project, tokenize__vocab_size=500)
     status = dvc(project, "status").stdout
     assert "tokenize:" in status and "data:" not in status
-    assert stages_run(dvc(project, "repro", "tokenize")) == {"tokenize"}
+    assert stages_run(dvc(project, "repro", "tokenize")) == {"check", "tokenize"}
     assert json.loads((project / "metrics/tokenize.json").read_text())["vocab_size"] == 500
     assert "pretrain:" in dvc(project, "status").stdout  # what reads the tokens is now out of date
 
@@ -427,7 +428,7 @@ def test_killed_pretrain_resumes_under_dvc_repro(project):
     os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
     process.wait()
     result = dvc(project, "repro", "pretrain")
-    assert stages_run(result) == {"pretrain"}
+    assert stages_run(result) - {"check"} == {"pretrain"}
     assert "resuming from" in result.stderr and "step-0000" in result.stderr
     assert json.loads((project / "metrics/pretrain.json").read_text())["steps"] == 400
 

@@ -73,7 +73,7 @@ def hub_project(tiny_pretrained, tmp_path_factory):
 def test_hub_stages_fetch_snapshots_as_dvc_outputs(hub_project, tiny_pretrained):
     project, env = hub_project
     result = dvc(project, "repro", "hub@base", "hub@chat", env=env)
-    assert stages_run(result) == {"hub@base", "hub@chat"}
+    assert stages_run(result) == {"check", "hub@base", "hub@chat"}
     model = AutoModelForCausalLM.from_pretrained(project / "data/hub/base")
     assert model.num_parameters() == AutoModelForCausalLM.from_pretrained(tiny_pretrained[1] / "model").num_parameters()
     assert sorted(p.name for p in (project / "data/hub/chat").rglob("*") if p.is_file()) == ["train.jsonl"]
@@ -100,7 +100,9 @@ def test_a_bare_hub_id_fails_the_check_with_the_way_in(hub_project):
     project, _ = hub_project
     set_params(project, finetune__base_model="tiny-org/tiny-llama")
     try:
-        with pytest.raises(ParamsError, match=r"depends on tiny-org/tiny-llama, which does not exist.*`hub` entry"):
+        with pytest.raises(
+            ParamsError, match=r"finetune.base_model is 'tiny-org/tiny-llama', which does not exist.*`hub` entry"
+        ):
             check(project)
         set_params(project, finetune__base_model="data/hub/phi3")
         with pytest.raises(ParamsError, match=r"finetune.base_model is 'data/hub/phi3'.*none named 'phi3'"):
