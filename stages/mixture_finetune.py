@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     counts = write_mixture(settings, datasets, sft_settings.seed, mixture)
     log.info("training mixture: %s", ", ".join(f"{n} {c}" for n, c in counts.items()))
     target = sft.Target(kind, args.run, stage, where, args.out, args.work, args.live)
-    summary = sft.run(sft_settings, args.start, mixture, target, replay_text=Path(params.finetune.replay_text),
-                      extra_config=extra_config)  # fmt: skip
-    mixture.unlink()
+    try:
+        summary = sft.run(sft_settings, args.start, mixture, target, replay_text=Path(params.finetune.replay_text),
+                          extra_config=extra_config)  # fmt: skip
+    finally:  # whichever way the run ends, like axolotl's work folder
+        mixture.unlink()
     summary.update({f"mixture/{name}": count for name, count in counts.items()})
     write_json(args.metrics, summary)
     if args.kind == "moe":

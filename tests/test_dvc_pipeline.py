@@ -163,10 +163,11 @@ def workspace(project: Path) -> dict[str, str]:
 
 
 def leftovers(project: Path, *, scratch: bool = True) -> list[str]:
-    """Temporaries and work folders: beside any output, in axolotl's work folder, in .tmp/."""
+    """Temporaries beside any output; with `scratch`, also those in the scratch folders no stage
+    depends on: .tmp/ and axolotl's work folders (models/.finetune_work)."""
     found = [p for top in ("data", "models", "metrics") for p in (project / top).rglob("*.tmp-*")]
-    found += [*(project / "models/.finetune_work").glob("*")]
-    found += [*(project / ".tmp").glob("*")] if scratch else []
+    if scratch:
+        found += [*(project / "models/.finetune_work").glob("*"), *(project / ".tmp").glob("*")]
     return sorted(str(path.relative_to(project)) for path in found)
 
 
@@ -217,8 +218,9 @@ def test_a_killed_stage_leaves_nothing_behind_and_repro_restores_the_same_bytes(
     os.killpg(process.pid, signum)
     process.wait()
     assert group_gone(process.pid), "a process of the stage outlived the kill"
-    # nothing inside the folders stages depend on; after Ctrl-C nothing anywhere, after kill -9 only
-    # the temporary in .tmp/ (no stage depends on it), which the next write of any stage removes
+    # nothing inside the folders stages depend on; after Ctrl-C nothing anywhere; after kill -9 the
+    # scratch folders may hold the stage's temporary (the next write of any stage removes it) and
+    # axolotl's work folder (the stage's next run replaces it)
     assert leftovers(project, scratch=signum != signal.SIGKILL) == []
     assert stages_run(dvc(project, "repro")) <= {stage}  # DVC's run-cache may restore it instead
     assert workspace(project) == before
