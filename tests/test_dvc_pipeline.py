@@ -153,12 +153,13 @@ def test_second_repro_does_nothing(project):
 
 def workspace(project: Path) -> dict[str, str]:
     """sha256 of every file the pipeline made or recorded: data/, models/ (checkpoints too),
-    metrics/ and dvc.lock; not the check stage's stamp, which DVC removes before rerunning it."""
+    metrics/ and dvc.lock; not the check stage's stamp, which DVC removes before rerunning it,
+    nor axolotl's scratch folder (see `leftovers`)."""
     files = [project / "dvc.lock", *(p for top in ("data", "models", "metrics") for p in (project / top).rglob("*"))]
     return {
         str(path.relative_to(project)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in files
-        if path.is_file() and path.name != "params_checked.txt"
+        if path.is_file() and path.name != "params_checked.txt" and ".finetune_work" not in path.parts
     }
 
 
@@ -224,6 +225,10 @@ def test_a_killed_stage_leaves_nothing_behind_and_repro_restores_the_same_bytes(
     assert leftovers(project, scratch=signum != signal.SIGKILL) == []
     assert stages_run(dvc(project, "repro")) <= {stage}  # DVC's run-cache may restore it instead
     assert workspace(project) == before
+    if signum == signal.SIGKILL:  # the stage's next run sweeps the scratch folders
+        dvc(project, "repro", "-f", "-s", stage)
+        assert leftovers(project) == []
+        assert workspace(project) == before
 
 
 def test_a_stage_dies_with_dvc_and_never_replaces_a_restored_output(project):
@@ -251,7 +256,7 @@ BAD_INPUTS = {
     "dataset typo": (
         {"finetune__experts__addition__dataset": "data/sft/additon.jsonl"},
         {},
-        ["finetune.experts.addition.dataset", "additon.jsonl", "addition.jsonl"],
+        ["finetune.experts.addition.dataset", "additon.jsonl", "does not produce", "{addition,"],
     ),
     "dataset folder": ({"finetune__experts__addition__dataset": "data/sft"}, {}, ["finetune.experts.addition.dataset"]),
     "missing local file": (
@@ -280,10 +285,10 @@ def test_bad_input_stops_dvc_repro_before_anything_is_lost(project, settings, fi
     """Plain `dvc repro` (not only `make check`): the check stage fails naming the culprit, before
     DVC has deleted any stage's outputs; every output and checkpoint keeps its bytes."""
     params = (project / "params.yaml").read_text()
-    before = workspace(project)
     try:
         for name, content in files.items():
             (project / name).write_bytes(content)
+        before = workspace(project)
         set_params(project, **settings)
         result = dvc(project, "repro", check=False)
         assert result.returncode != 0
@@ -308,12 +313,16 @@ def test_removing_a_recipe_removes_its_outputs_from_what_later_stages_read(proje
     params.yaml must not stay there (DVC's cache keeps it; putting the recipe back restores it)."""
     params = (project / "params.yaml").read_text()
     before = workspace(project)
-    set_params(project, merge__recipes={"linear": {"method": "linear", "parameters": {"weight": 1.0}}}, select__top_k=1)
-    dvc(project, "repro")
-    gone = ["models/merged/ties", "metrics/eval/merge/ties.json", "metrics/eval_raw/merge/ties"]
-    assert not [path for path in gone if (project / path).exists()]
-    assert "merge/ties" not in (project / "metrics/report/leaderboard.md").read_text()
-    (project / "params.yaml").write_text(params)
+    linear = {"linear": {"method": "linear", "parameters": {"weight": 1.0}}}
+    try:
+        # the MoE takes the two experts meanwhile: one selected merge cannot route two per token
+        set_params(project, merge__recipes=linear, select__top_k=1, moe__variants={"merges": {"source": "experts"}})
+        dvc(project, "repro")
+        gone = ["models/merged/ties", "metrics/eval/merge/ties.json", "metrics/eval_raw/merge/ties"]
+        assert not [path for path in gone if (project / path).exists()]
+        assert "merge/ties" not in (project / "metrics/report/leaderboard.md").read_text()
+    finally:
+        (project / "params.yaml").write_text(params)
     result = dvc(project, "repro")
     assert not stages_run(result) & {"merge@ties", "eval_merge@ties"}  # restored from the cache
     assert workspace(project) == before
