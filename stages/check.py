@@ -3,11 +3,13 @@
     python -m stages.check --out data/params_checked.txt
 
 Every other stage depends on this one's output, so `dvc repro` (whichever command started it)
-runs the check first whenever params.yaml or dvc.yaml changed, and a bad setting or input file
-stops the run before DVC deletes any stage's outputs to rerun it. It checks what `make check`
-does (pipeline/params.py: the settings, their declarations, the files they name) and the content
-of the user's input files that exist before the run (`check_input_files`); the files stages of
-the run make (data/sft, data/eval) are checked by the stages that read them.
+runs the check first whenever params.yaml, data/local or the check's code changed, and a bad
+setting or input file stops the run before DVC deletes any stage's outputs to rerun it (DVC
+cannot depend on dvc.yaml itself; a stage whose entry changed validates its own settings).
+It checks what `make check` does (pipeline/params.py: the settings, their declarations, the
+files they name) and the content of the user's input files that exist before the run
+(`check_input_files`); the files stages of the run make (data/sft, data/eval) are checked by
+the stages that read them.
 
 It also removes from the workspace the outputs of stages that no longer exist, such as the
 model and scores of a merge recipe taken out of params.yaml: they would otherwise stay inside
