@@ -60,7 +60,8 @@ def check_input_files(params: Params, root: Path) -> None:
 def stale_outputs(current: list[Any], root: Path) -> list[Path]:
     """Outputs that dvc.lock records for stages dvc.yaml no longer has, still in the workspace.
 
-    Only paths DVC recorded (hence cached) are candidates, and never one a current stage makes.
+    Only paths DVC recorded (hence cached) are candidates, and never one a current stage makes,
+    holds or lies in (an old stage's `models/moe` holds today's `models/moe/<variant>`).
     """
     lock_path = root / "dvc.lock"
     lock = YAML(typ="safe").load(lock_path.read_text()) if lock_path.is_file() else None
@@ -72,7 +73,8 @@ def stale_outputs(current: list[Any], root: Path) -> list[Path]:
             continue
         for out in entry.get("outs") or []:
             path = root / out["path"]
-            if path not in produced and (path.exists() or path.is_symlink()):
+            overlaps = any(path.is_relative_to(made) or made.is_relative_to(path) for made in produced)
+            if not overlaps and (path.exists() or path.is_symlink()):
                 stale.append(path)
     return sorted(stale)
 

@@ -122,3 +122,30 @@ def group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_only_outputs_of_removed_stages_are_stale(tmp_path):
+    """What the check stage removes: a removed recipe's outputs, never a folder today's outputs are
+    in (an old stage's models/moe holds today's models/moe/<variant>) nor one of today's outputs."""
+    from types import SimpleNamespace
+
+    from stages.check import stale_outputs
+
+    def stage(name: str, *outs: str) -> SimpleNamespace:
+        return SimpleNamespace(addressing=name, outs=[SimpleNamespace(fs_path=str(tmp_path / o)) for o in outs])
+
+    for folder in ("models/merged/ties", "models/merged/dare_ties", "models/moe/merges", "metrics/eval/merge"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "metrics/eval/merge/dare_ties.json").write_text("{}")
+    lock = {
+        "merge@ties": ["models/merged/ties"],
+        "merge@dare_ties": ["models/merged/dare_ties", "metrics/eval/merge/dare_ties.json", "gone/already"],
+        "moe": ["models/moe"],
+    }
+    lines = ["schema: '2.0'", "stages:"]
+    for name, outs in lock.items():
+        lines += [f"  {name}:", "    outs:", *(f"    - path: {out}\n      md5: 0" for out in outs)]
+    (tmp_path / "dvc.lock").write_text("\n".join(lines) + "\n")
+    current = [stage("merge@ties", "models/merged/ties"), stage("moe@merges", "models/moe/merges")]
+    stale = stale_outputs(current, tmp_path)
+    assert stale == [tmp_path / "metrics/eval/merge/dare_ties.json", tmp_path / "models/merged/dare_ties"]
