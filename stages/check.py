@@ -31,7 +31,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from pipeline.atomic import write_text
-from pipeline.params import PROJECT_ROOT, InputError, Params, check, existing_input_files, load_params
+from pipeline.params import PROJECT_ROOT, InputError, Params, check, existing_input_files, load_params, load_stages
 from pipeline.stage import report_input_errors, setup_logging
 
 log = logging.getLogger("stages.check")
@@ -39,13 +39,14 @@ log = logging.getLogger("stages.check")
 PASSED = "params.yaml, dvc.yaml and the input files they name passed the checks of stages/check.py\n"
 
 
-def check_input_files(params: Params, root: Path) -> None:
+def check_input_files(params: Params, root: Path, stages: list[Any]) -> None:
     """Raise InputError naming each existing input file its reader would reject, and where."""
     from pipeline.sft import check_sft_dataset
     from stages.data import check_corpus_file
 
     problems = []
-    for key, path in existing_input_files(params, root).items():
+    outputs = [Path(out.fs_path) for stage in stages for out in stage.outs]
+    for key, path in existing_input_files(params, root, outputs).items():
         try:
             if key.startswith("finetune.experts.") and key.endswith(".dataset"):
                 check_sft_dataset(path)
@@ -65,7 +66,7 @@ def stale_outputs(current: list[Any], root: Path) -> list[Path]:
     """
     lock_path = root / "dvc.lock"
     lock = YAML(typ="safe").load(lock_path.read_text()) if lock_path.is_file() else None
-    names = {stage.addressing for stage in current}
+    names = {stage.name for stage in current}
     produced = {Path(out.fs_path) for stage in current for out in stage.outs}
     stale = []
     for name, entry in ((lock or {}).get("stages") or {}).items():
@@ -79,11 +80,8 @@ def stale_outputs(current: list[Any], root: Path) -> list[Path]:
     return sorted(stale)
 
 
-def remove_stale_outputs(root: Path) -> list[Path]:
-    from dvc.repo import Repo  # imported here: DVC takes a second to import
-
-    with Repo(str(root)) as repo:
-        stale = stale_outputs(list(repo.index.stages), root)
+def remove_stale_outputs(stages: list[Any], root: Path) -> list[Path]:
+    stale = stale_outputs(stages, root)
     for path in stale:
         log.info("removing %s: its stage is no longer in dvc.yaml (DVC's cache keeps it)", path.relative_to(root))
         if path.is_dir() and not path.is_symlink():
@@ -100,13 +98,14 @@ def main() -> None:
     setup_logging()
     report_input_errors()
     report = check(PROJECT_ROOT)  # raises InputError naming every bad setting
-    check_input_files(load_params(PROJECT_ROOT / "params.yaml"), PROJECT_ROOT)
+    stages = load_stages(PROJECT_ROOT)  # for the two steps below (DVC takes about a second)
+    check_input_files(load_params(PROJECT_ROOT / "params.yaml"), PROJECT_ROOT, stages)
     if args.out is None:
         print("params.yaml and the input files it names are valid; stages read:")
         print("\n".join(report))
         return
     log.info("settings and input files are valid")
-    remove_stale_outputs(PROJECT_ROOT)
+    remove_stale_outputs(stages, PROJECT_ROOT)
     write_text(args.out, PASSED)
 
 

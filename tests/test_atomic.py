@@ -132,7 +132,7 @@ def test_only_outputs_of_removed_stages_are_stale(tmp_path):
     from stages.check import stale_outputs
 
     def stage(name: str, *outs: str) -> SimpleNamespace:
-        return SimpleNamespace(addressing=name, outs=[SimpleNamespace(fs_path=str(tmp_path / o)) for o in outs])
+        return SimpleNamespace(name=name, outs=[SimpleNamespace(fs_path=str(tmp_path / o)) for o in outs])
 
     for folder in ("models/merged/ties", "models/merged/dare_ties", "models/moe/merges", "metrics/eval/merge"):
         (tmp_path / folder).mkdir(parents=True)
