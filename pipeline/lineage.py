@@ -1,4 +1,5 @@
-"""What a model is, written where it is made: `lineage.json` in every model folder.
+"""What a model is, written where it is made: `lineage.json` and a `README.md` model card in
+every model folder.
 
     {"kind": "moe_trained", "name": "experts", "stage": "moe_finetune@experts",
      "parents": ["moe/experts"], "settings": {...}}
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import dumps_json
 from pipeline.kinds import MODEL_KINDS
 
 LINEAGE_FILE = "lineage.json"
@@ -34,3 +36,14 @@ def write_lineage(folder: Path, kind: str, name: str, stage: str, parents: list[
         raise ValueError(f"model kind {kind!r} is not one of {MODEL_KINDS}")
     lineage = {"kind": kind, "name": name, "stage": stage, "parents": parents, "settings": settings}
     (folder / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+
+
+def model_card(title: str, intro: str, sections: dict[str, str]) -> str:
+    """A model card (README.md in Markdown): a title, a paragraph on what made the model, then
+    sections by heading. Every stage that makes a model or describes one writes it with this."""
+    return f"# {title}\n\n{intro}\n" + "".join(f"\n## {heading}\n\n{body}" for heading, body in sections.items())
+
+
+def json_block(value: Any) -> str:
+    """A fenced JSON block of a card section (stable JSON: sorted keys)."""
+    return f"```json\n{dumps_json(value)}```\n"

@@ -72,6 +72,29 @@ def configure_compute(settings: ComputeSettings) -> None:
     log.info("compute: %s kernels, %d threads", "portable (AVX2)" if settings.portable_kernels else "native", threads)
 
 
+def resolve_device(setting: str = "auto") -> str:
+    """The torch device a stage computes on: `auto` is the first GPU when there is one, else the CPU."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_bf16(precision: str, device: str) -> bool:
+    """Whether to compute in bfloat16: `bf16`, or `auto` on a GPU that supports it (fp32 on CPU)."""
+    if precision != "auto":
+        return precision in ("bf16", "bfloat16")
+    import torch
+
+    return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+class RunFailed(RuntimeError):
+    """Training or a tool failed in a way its message explains (a diverged loss, axolotl's exit
+    status): printed as one line, like bad input, since a traceback would say nothing more."""
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -123,11 +146,12 @@ def exit_on_termination() -> None:
 
 
 def report_input_errors() -> None:
-    """Print bad input (InputError, params included) as its one-line message, not a traceback."""
+    """Print bad input (InputError, params included) and RunFailed as the one-line message, not a
+    traceback; the exit status stays 1."""
     default = sys.excepthook
 
     def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
-        if isinstance(error, InputError):
+        if isinstance(error, InputError | RunFailed):
             print(f"error: {error}", file=sys.stderr)
         else:
             default(kind, error, traceback)
@@ -146,10 +170,7 @@ def start(stage: str) -> Any:
     exit_on_termination()
     die_with_parent()
     report_input_errors()
-    try:
-        params = load_stage_params(stage)
-    except InputError as error:
-        raise SystemExit(f"error: {error}") from None
+    params = load_stage_params(stage)  # bad params: the one-line message of report_input_errors
     log.info("stage %s: settings validated", stage)
     if params.declares("compute"):
         configure_compute(params.compute)
