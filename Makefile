@@ -35,7 +35,7 @@ install: $(INSTALLED)
 run: install  ## the default experiment, end to end (its first stage, `check`, validates everything)
 	$(BIN)/dvc repro
 
-test: install browser  ## the test suite (what CI runs)
+test: install browser  ## the test suite (CI runs it after lint: .ci/run)
 	$(BIN)/python -m pytest
 
 # The report test opens the HTML report in headless Chromium (Debian's package). Installed when
@@ -45,7 +45,7 @@ browser:
 	  && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	  || echo "note: chromium not installed; the browser test of the report will skip"; }
 
-lint: install
+lint: install  ## ruff: lint rules and formatting, no changes made (CI runs it first: .ci/run)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

@@ -3,7 +3,7 @@
     python -m bench.sweep_experts --experts addition --set max_steps=400,600 --set replay_rows=0,1000
 
 Needs `dvc repro pretrain` first (it starts from finetune.base_model and reads data/). For each
-combination of the --set values (applied over finetune.defaults and the expert's own settings)
+combination of the --set values (applied over the `sft` settings, finetune.defaults and the expert's own settings)
 it trains the expert through the finetune stage's code (real axolotl), evaluates it with the
 eval stage (real lm-eval) and prints one markdown row: its own skill's exact match, the best of
 the other skills, story completion, held-out word perplexity and the wall time. This is the
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pipeline import sft
-from pipeline.params import PROJECT_ROOT, load_params
+from pipeline.params import PROJECT_ROOT, load_params, resolve_sft
 from pipeline.stage import configure_environment
 
 
@@ -60,7 +60,8 @@ def main() -> None:
     print("| --- |" + " ---: |" * (len(grid) + 5))
     for expert, values in itertools.product(args.experts, itertools.product(*grid.values())):
         overrides = dict(zip(grid, values, strict=True))
-        settings = params.finetune.experts[expert].resolve(params.finetune.defaults).model_copy(update=overrides)
+        recipe = resolve_sft(params.sft, params.finetune.defaults, params.finetune.experts[expert])
+        settings = recipe.model_copy(update=overrides)
         work = Path(tempfile.mkdtemp(prefix="sweep-", dir=PROJECT_ROOT / "models"))
         try:
             started = time.perf_counter()

@@ -14,11 +14,20 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SKILLS = ("addition", "sorting", "comparison", "counting")
+SKILLS = ("addition", "sorting", "comparison", "counting")  # stages/data.py generates each (a test checks)
 # Where users put their own files that settings name (a local corpus, eval task data, a base
 # model's folder): every stage that may read such a file depends on this folder (dvc.yaml).
 LOCAL_INPUTS = "data/local"
@@ -51,6 +60,16 @@ def file_setting(suffixes: tuple[str, ...]) -> Any:
 SFTDatasetFile = file_setting(SFT_DATASET_SUFFIXES)
 ReplayTextFile = file_setting(REPLAY_TEXT_SUFFIXES)
 TaskDataFile = file_setting(TASK_DATA_SUFFIXES)
+
+
+def _plain_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError("use lowercase letters, digits and _ in the name (it names files and DVC stages)")
+    return name
+
+
+# The name of an entry that becomes stages and files: an expert, a recipe, a hub snapshot, a run.
+Name = Annotated[str, AfterValidator(_plain_name)]
 
 # Upper bounds on sizes and counts catch a slipped magnitude (max_steps: 10**12 started a run with
 # an ETA of forever) and leave room for real GPU-scale runs.
@@ -129,7 +148,7 @@ class WorldSettings(Section):
 class SkillSettings(Section):
     """The SFT skill datasets (one per expert) and their held-out eval sets."""
 
-    names: list[Literal["addition", "sorting", "comparison", "counting"]] = Field(
+    names: list[Literal[SKILLS]] = Field(
         default_factory=lambda: list(SKILLS),
         min_length=1,
         description="Which skills to generate: addition (2-digit + 1-digit), sorting (3-5 digits), "
@@ -166,12 +185,18 @@ class DataSettings(Section):
     )
 
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'A:\\n' + message['content'] + eos_token }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A:\\n' }}{% endif %}"
-)
+# Renders `<s>Q: question\nA:\nanswer</s>`. The answer starts after a newline, not a space:
+# byte-level BPE glues a space to the next word (" Zorvia"), which would put the first answer token
+# across the prompt/answer boundary that SFT masks; a newline is always its own token. Eval writes
+# its prompts with the evaluated model's own template (stages/eval.py), so they match SFT's.
+DEFAULT_CHAT_TEMPLATE = """\
+{{- bos_token -}}
+{%- for message in messages -%}
+  {%- if message['role'] == 'user' -%}{{ 'Q: ' + message['content'] + '\\n' }}
+  {%- elif message['role'] == 'assistant' -%}{{ 'A:\\n' + message['content'] + eos_token }}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ 'A:\\n' }}{%- endif -%}"""
 
 
 class TokenizeSettings(Section):
@@ -391,9 +416,10 @@ class EvalSettings(Section):
 
 
 class SFTSettings(Section):
-    """Supervised fine-tuning through axolotl: the settings every expert shares (and may override)."""
+    """`sft`: supervised fine-tuning through axolotl, the settings every run shares (the experts, the
+    dense baseline, the MoE runs); `finetune.defaults`, `mixture.defaults` and each run may override any."""
 
-    max_steps: SFTSteps = Field(200, description="Optimizer steps (at most a million).")
+    max_steps: SFTSteps = Field(600, description="Optimizer steps (at most a million).")
     learning_rate: float = Field(0.002, gt=0, description="Peak learning rate.")
     micro_batch_size: MicroBatch = Field(32, description="Rows per forward pass on one device.")
     gradient_accumulation_steps: AccumulationSteps = 1
@@ -422,7 +448,7 @@ class SFTSettings(Section):
     )  # fmt: skip
     gradient_checkpointing: bool = False
     replay_rows: ReplayRows = Field(
-        0, description="Documents of finetune.replay_text mixed into the SFT rows, trained with the "
+        1000, description="Documents of finetune.replay_text mixed into the SFT rows, trained with the "
         "language-model loss on every token: keeps the model's general text ability while it learns the skill."
     )  # fmt: skip
     replay_max_tokens: SequenceTokens = Field(
@@ -432,35 +458,40 @@ class SFTSettings(Section):
     seed: int = 0
 
 
-class SFTOverrides(Section):
-    """SFT settings that differ from the shared defaults (any may be left out)."""
+class _Overrides(Section):
+    def resolve(self, shared: SFTSettings) -> SFTSettings:
+        """`shared` with the settings given here."""
+        given = {name: getattr(self, name) for name in SFTSettings.model_fields if getattr(self, name) is not None}
+        return shared.model_copy(update=given)
 
-    max_steps: SFTSteps | None = None
-    learning_rate: float | None = Field(None, gt=0)
-    micro_batch_size: MicroBatch | None = None
-    gradient_accumulation_steps: AccumulationSteps | None = None
-    sequence_len: SequenceTokens | None = None
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = None
-    warmup_steps: SFTWarmupSteps | None = None
-    optimizer: str | None = None
-    weight_decay: float | None = Field(None, ge=0)
-    adapter: Literal["none", "lora"] | None = None
-    lora_r: LoraRank | None = None
-    lora_alpha: int | None = Field(None, ge=1)
-    lora_dropout: float | None = Field(None, ge=0, lt=1)
-    replay_rows: ReplayRows | None = None
-    replay_max_tokens: SequenceTokens | None = None
-    seed: int | None = None
 
-    def resolve(self, defaults: SFTSettings) -> SFTSettings:
-        """The defaults with these overrides applied."""
-        fields = SFTOverrides.model_fields
-        overrides = {k: v for k, v in self.model_dump(include=set(fields)).items() if v is not None}
-        return defaults.model_copy(update=overrides)
+def _optional(field: Any) -> Any:
+    """A field's type, constraints included, that may also be None (= not overridden)."""
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return kind | None
+
+
+# Every SFT setting, optional: what a layer of overrides may change (generated, so the two cannot drift).
+SFTOverrides = create_model(
+    "SFTOverrides",
+    __base__=_Overrides,
+    __doc__="SFT settings that differ from the ones they override (any may be left out).",
+    **{
+        name: (_optional(field), Field(None, description=field.description))
+        for name, field in SFTSettings.model_fields.items()
+    },
+)
+
+
+def resolve_sft(shared: SFTSettings, *overrides: SFTOverrides) -> SFTSettings:
+    """The SFT settings of one run: the shared `sft` section, then each layer of overrides in turn."""
+    for layer in overrides:
+        shared = layer.resolve(shared)
+    return shared
 
 
 class ExpertSettings(SFTOverrides):
-    """One expert: its dataset, and any SFT setting that differs from finetune.defaults."""
+    """One expert: its dataset, and any SFT setting that differs from `sft` and finetune.defaults."""
 
     dataset: SFTDatasetFile = Field(
         description="A .jsonl/.json/.parquet file of chat messages (`messages` column): generated, local, "
@@ -480,19 +511,14 @@ class FinetuneSettings(Section):
         "data/corpus/train.jsonl",
         description="Pretraining-style text (.jsonl/.parquet with a `text` column) that replay_rows draws from.",
     )
-    defaults: SFTSettings = Field(default_factory=SFTSettings)
-    experts: dict[str, ExpertSettings] = Field(
+    defaults: SFTOverrides = Field(
+        default_factory=SFTOverrides, description="What the experts change of the shared `sft` settings."
+    )
+    experts: dict[Name, ExpertSettings] = Field(
         default_factory=lambda: {skill: ExpertSettings(dataset=f"data/sft/{skill}.jsonl") for skill in SKILLS},
         min_length=1,
         description="Expert name -> its dataset and overrides. Each becomes a finetune@<name> stage.",
     )
-
-    @model_validator(mode="after")
-    def _expert_names_are_plain(self) -> FinetuneSettings:
-        for name in self.experts:
-            if not re.fullmatch(r"[a-z0-9_]+", name):
-                raise ValueError(f"expert name {name!r}: use lowercase letters, digits and _ (it names files)")
-        return self
 
 
 class MergeMethod(NamedTuple):
@@ -618,7 +644,7 @@ class MergeSettings(Section):
         "float32", description="Dtype of the merge and its output."
     )
     seed: int = Field(0, description="Seed of the methods that drop parameters at random (dare_*, della*).")
-    recipes: dict[str, MergeRecipe] = Field(
+    recipes: dict[Name, MergeRecipe] = Field(
         default_factory=lambda: {
             "linear": MergeRecipe(method="linear", parameters={"weight": 1.0}),
             "slerp": MergeRecipe(method="slerp", experts=["addition", "sorting"], parameters={"t": 0.5}),
@@ -676,7 +702,7 @@ def _default_variants() -> dict[str, MoEVariant]:
 class MoESettings(Section):
     """`moe@<variant>` stages: Mixtral-architecture mixtures of experts built by mergekit-moe (python -m stages.moe)."""
 
-    variants: dict[str, MoEVariant] = Field(
+    variants: dict[Name, MoEVariant] = Field(
         default_factory=_default_variants,
         description="Variant name -> its source; each is a moe@<name> stage, evaluated as moe/<name>.",
     )
@@ -701,10 +727,11 @@ class MoERun(SFTOverrides):
     """One MoE trained on the mixture: which variant, its mode, and SFT settings that differ from mixture.defaults."""
 
     moe: str = Field(description="The moe.variants entry to train.")
-    mode: Literal["full", "router", "lora"] = Field(
-        "full",
+    mode: Literal["full", "router", "lora"] | None = Field(
+        None,
         description="full: every weight; router: only the routers' gate weights; lora: LoRA on the attention "
-        "projections (merged into the model at the end).",
+        "projections (merged into the model at the end). Default: lora when the run's SFT settings say "
+        "`adapter: lora`, else full.",
     )
 
     @model_validator(mode="after")
@@ -725,7 +752,10 @@ class MixtureSettings(Section):
     experts' SFT data, with the same settings, rows and steps unless a run overrides them: the dense
     baseline and the MoE variants (python -m stages.mixture_finetune)."""
 
-    defaults: SFTSettings = Field(default_factory=SFTSettings)
+    defaults: SFTOverrides = Field(
+        default_factory=lambda: SFTOverrides(max_steps=400),
+        description="What the mixture runs change of the shared `sft` settings.",
+    )
     weights: dict[str, float] = Field(
         default_factory=dict,
         description="Expert name -> weight of its SFT data in the mixture (default: every expert, weight 1). "
@@ -733,12 +763,12 @@ class MixtureSettings(Section):
     )
     rows: int = Field(4000, ge=1, le=10_000_000, description="SFT rows in the mixture (replay passages come on top).")
     router_aux_loss_coef: float = Field(0.02, ge=0, description="Weight of the router load-balancing loss (0: off).")
-    dense_runs: dict[str, SFTOverrides] = Field(
+    dense_runs: dict[Name, SFTOverrides] = Field(
         default_factory=lambda: {"multitask": SFTOverrides()},
         description="Run name -> overrides; each is a dense@<name> stage: finetune.base_model trained on the "
         "mixture (the step-matched dense baseline), evaluated as dense/<name>.",
     )
-    moe_runs: dict[str, MoERun] = Field(
+    moe_runs: dict[Name, MoERun] = Field(
         default_factory=_default_moe_runs,
         description="Run name -> MoE variant, mode and overrides; each is a moe_finetune@<name> stage, evaluated "
         "as moe_trained/<name>.",
@@ -762,7 +792,7 @@ class HubSource(Section):
 class Params(Section):
     """params.yaml: one section per stage."""
 
-    hub: dict[str, HubSource] = Field(
+    hub: dict[Name, HubSource] = Field(
         default_factory=dict, description="Name -> hub repository snapshot; each is a hub@<name> stage."
     )
     compute: ComputeSettings = Field(default_factory=ComputeSettings)
@@ -770,6 +800,7 @@ class Params(Section):
     tokenize: TokenizeSettings = Field(default_factory=TokenizeSettings)
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    sft: SFTSettings = Field(default_factory=SFTSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     select: SelectSettings = Field(default_factory=SelectSettings)
@@ -777,10 +808,7 @@ class Params(Section):
     mixture: MixtureSettings = Field(default_factory=MixtureSettings)
 
     @model_validator(mode="after")
-    def _hub_names_are_plain_and_used_ones_exist(self) -> Params:
-        for name in self.hub:
-            if not re.fullmatch(r"[a-z0-9_]+", name):
-                raise ValueError(f"hub name {name!r}: use lowercase letters, digits and _ (it names a folder)")
+    def _hub_folders_named_exist(self) -> Params:
         used = {"finetune.base_model": self.finetune.base_model}
         used.update({f"finetune.experts.{name}.dataset": e.dataset for name, e in self.finetune.experts.items()})
         for key, path in used.items():
@@ -797,8 +825,6 @@ class Params(Section):
         experts = list(self.finetune.experts)
         for name, recipe in self.merge.recipes.items():
             where = f"merge.recipes.{name}"
-            if not re.fullmatch(r"[a-z0-9_]+", name):
-                raise ValueError(f"{where}: use lowercase letters, digits and _ in recipe names (they name files)")
             chosen = recipe.experts if recipe.experts is not None else experts
             unknown = [e for e in chosen if e not in experts]
             if unknown:
@@ -822,17 +848,13 @@ class Params(Section):
     @model_validator(mode="after")
     def _moes_are_buildable_and_trained_on_known_data(self) -> Params:
         moe, mixture, experts = self.moe, self.mixture, list(self.finetune.experts)
-        for name in mixture.dense_runs:
-            _plain_name(name, f"mixture.dense_runs.{name}")
         for name, run in mixture.moe_runs.items():
-            _plain_name(name, f"mixture.moe_runs.{name}")
             if run.moe not in moe.variants:
                 raise ValueError(f"mixture.moe_runs.{name}.moe is {run.moe!r}, not one of moe.variants "
                                  f"({', '.join(moe.variants) or 'none'})")  # fmt: skip
         trained = {run.moe for run in mixture.moe_runs.values()}
         for name, variant in moe.variants.items():
             where = f"moe.variants.{name}"
-            _plain_name(name, where)
             count = {
                 "selected_merges": min(self.select.top_k, len(self.merge.recipes)),
                 "experts": len(variant.experts or experts),
@@ -871,11 +893,6 @@ class Params(Section):
         return self
 
 
-def _plain_name(name: str, where: str) -> None:
-    if not re.fullmatch(r"[a-z0-9_]+", name):
-        raise ValueError(f"{where}: use lowercase letters, digits and _ in the name (it names files)")
-
-
 class InputError(ValueError):
     """Bad input a user can fix: the message names the file, row or setting and what would be valid.
 
@@ -912,7 +929,7 @@ def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: {error.error_count()} invalid setting(s):"]
     for item in error.errors():
-        loc = tuple(item["loc"])
+        loc = tuple(part for part in item["loc"] if part != "[key]")  # a bad name: the entry it names
         key = ".".join(str(part) for part in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             valid = _valid_keys(Params, loc[:-1])

@@ -4,7 +4,8 @@
         --out models/experts/addition --work models/.finetune_work/addition \
         --live metrics/finetune/addition --metrics metrics/finetune/addition.json
 
-The expert's settings are finetune.defaults with finetune.experts.<expert>'s overrides; the
+The expert's settings are the shared `sft` ones, with finetune.defaults' and then
+finetune.experts.<expert>'s overrides; the
 training itself is pipeline/sft.py (shared with the dense baseline and the MoE runs): a
 generated axolotl config saved with the model, row checks, dvclive curves, atomic output, and
 `replay_rows` passages of finetune.replay_text mixed in to keep the general text ability.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from pipeline import sft
 from pipeline.atomic import write_json
+from pipeline.params import resolve_sft
 from pipeline.stage import configure_environment, start
 
 
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     expert = params.finetune.experts[args.expert]
     target = sft.Target("expert", args.expert, stage, f"finetune.experts.{args.expert}", args.out, args.work, args.live)
     configure_environment()
-    summary = sft.run(expert.resolve(params.finetune.defaults), args.base_model, Path(expert.dataset), target,
+    settings = resolve_sft(params.sft, params.finetune.defaults, expert)
+    summary = sft.run(settings, args.base_model, Path(expert.dataset), target,
                       replay_text=Path(params.finetune.replay_text))  # fmt: skip
     write_json(args.metrics, summary)
 

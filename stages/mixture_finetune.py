@@ -1,5 +1,4 @@
-"""`dense@<run>` and `moe_finetune@<run>` stages: a model trained by axolotl on the mixture of the
-experts' SFT data.
+"""`dense@<run>` and `moe_finetune@<run>` stages: a model trained by axolotl on the experts' SFT mixture.
 
     python -m stages.mixture_finetune --kind dense --run multitask --start models/pretrain \
         --out models/dense/multitask --work models/.finetune_work/dense_multitask \
@@ -10,12 +9,13 @@ experts' SFT data.
         --eval-sets data/eval --routing metrics/routing/moe_trained/experts.json
 
 Every run draws the same mixture: mixture.rows rows of the experts' datasets in the proportions
-of mixture.weights (seeded), trained with mixture.defaults (and the run's overrides) through
-pipeline/sft.py, the experts' code path. `dense` runs start from finetune.base_model (the
-step-matched dense baseline); `moe` runs from a moe.variants MoE, in their mode: full (every
-weight), router (only the routers' gate weights, through axolotl's `unfrozen_parameters`) or
-lora (LoRA on the attention projections, merged at the end), with the router load-balancing
-loss when mixture.router_aux_loss_coef > 0.
+of mixture.weights (seeded), trained with the shared `sft` settings, mixture.defaults' overrides
+and the run's own, through pipeline/sft.py, the experts' code path. `dense` runs start from
+finetune.base_model (the step-matched dense baseline); `moe` runs from a moe.variants MoE, in
+their mode: full (every weight), router (only the routers' gate weights, through axolotl's
+`unfrozen_parameters`) or lora (LoRA on the attention projections, merged at the end), with the
+router load-balancing loss when mixture.router_aux_loss_coef > 0. A run without a mode follows
+the `adapter` setting (lora: lora, none: full).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline import sft
 from pipeline.atomic import write_json
-from pipeline.params import MixtureSettings, MoERun, SFTSettings
+from pipeline.params import MixtureSettings, MoERun, SFTSettings, resolve_sft
 from pipeline.routing import routing_metrics
 from pipeline.stage import configure_environment, start
 
@@ -65,9 +65,15 @@ def write_mixture(settings: MixtureSettings, datasets: dict[str, Path], seed: in
     return counts
 
 
+def run_mode(run: MoERun, settings: SFTSettings) -> str:
+    """The run's mode; left unset, it follows the SFT settings' adapter (lora: lora, none: full)."""
+    return run.mode or ("lora" if settings.adapter == "lora" else "full")
+
+
 def mode_settings(run: MoERun, defaults: SFTSettings) -> SFTSettings:
+    """The run's SFT settings: `defaults` with its overrides, the adapter set by its mode."""
     settings = run.resolve(defaults)
-    return settings.model_copy(update={"adapter": "lora" if run.mode == "lora" else "none"})
+    return settings.model_copy(update={"adapter": "lora" if run_mode(run, settings) == "lora" else "none"})
 
 
 def mode_config(run: MoERun, settings: MixtureSettings) -> dict[str, Any]:
@@ -96,13 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     stage = f"{'dense' if args.kind == 'dense' else 'moe_finetune'}@{args.run}"
     params = start(stage)
     settings = params.mixture
+    defaults = resolve_sft(params.sft, settings.defaults)
     if args.kind == "dense":
         where, kind = f"mixture.dense_runs.{args.run}", "dense"
-        sft_settings, extra_config = settings.dense_runs[args.run].resolve(settings.defaults), {}
+        sft_settings, extra_config = settings.dense_runs[args.run].resolve(defaults), {}
     else:
         where, kind = f"mixture.moe_runs.{args.run}", "moe_trained"
         run = settings.moe_runs[args.run]
-        sft_settings, extra_config = mode_settings(run, settings.defaults), mode_config(run, settings)
+        sft_settings, extra_config = mode_settings(run, defaults), mode_config(run, settings)
     datasets = {name: Path(expert.dataset) for name, expert in params.finetune.experts.items()}
     configure_environment()
     mixture = args.work.parent / f"{args.work.name}_mixture.jsonl"

@@ -19,6 +19,7 @@ from pipeline.params import (
     DeclaredView,
     Params,
     ParamsError,
+    SFTOverrides,
     check,
     data_stage_files,
     declared_params,
@@ -52,7 +53,7 @@ def test_shipped_params_spell_out_every_setting_dvc_tracks():
         for name in type(model).model_fields:
             if name not in values:
                 yield prefix + name
-            elif isinstance(getattr(model, name), BaseModel):
+            elif isinstance(getattr(model, name), BaseModel) and not isinstance(getattr(model, name), SFTOverrides):
                 yield from missing(getattr(model, name), values[name], f"{prefix}{name}.")
 
     params = Params.model_validate(raw)
@@ -63,6 +64,8 @@ def test_shipped_params_spell_out_every_setting_dvc_tracks():
         "data.corpus.split",
         "data.corpus.text_field",
         "data.corpus.max_documents",
+        # code more than a value: written once, in the schema; every stage depends on pipeline/params.py
+        "tokenize.chat_template",
     }
     assert set(missing(params, raw)) <= allowed_defaults
 
@@ -167,7 +170,7 @@ def test_make_check_cli_reports_bad_key(tmp_path):
     result = make_check(shipped.replace("vocab_size: 2048", "vocab_size: 500"))
     assert result.returncode == 0, result.stderr
     assert "params.yaml and the input files it names are valid" in result.stdout
-    assert "finetune@addition: compute, finetune.base_model" in result.stdout
+    assert "finetune@addition: compute, sft, finetune.base_model" in result.stdout
 
     # dvc.yaml interpolates hub and finetune.experts from params.yaml: without them, say so plainly
     result = make_check("tokenize:\n  vocab_size: 500\n")
@@ -200,7 +203,7 @@ def test_expert_names_need_only_be_plain(tmp_path):
     text = "finetune:\n  experts:\n" + "".join(f"    {name}: {{dataset: data/sft/{name}.jsonl}}\n" for name in names)
     assert list(load_params(write_params(tmp_path, text)).finetune.experts) == list(names)
     message = params_error(tmp_path, "finetune:\n  experts:\n    Moe-1: {dataset: data/sft/addition.jsonl}\n")
-    assert "expert name 'Moe-1': use lowercase letters, digits and _" in message
+    assert "finetune.experts.Moe-1: use lowercase letters, digits and _" in message
 
 
 def test_a_file_a_setting_names_must_be_a_dependency_of_its_readers(tmp_path):
@@ -431,3 +434,30 @@ def test_sft_dataset_types_are_the_ones_the_sft_code_reads():
     from pipeline.sft import DATASET_FORMATS
 
     assert set(SFT_DATASET_SUFFIXES) == set(DATASET_FORMATS)
+
+
+def test_every_skill_the_schema_accepts_has_a_generator():
+    from pipeline.params import SKILLS
+    from stages.data import SKILL_GENERATORS
+
+    assert list(SKILL_GENERATORS) == list(SKILLS)
+    assert load_params().data.skills.names == list(SKILLS)
+
+
+def test_sft_settings_are_one_shared_block_each_run_overrides(tmp_path):
+    """Experts and mixture runs start from the one `sft` section; each layer changes only what it names."""
+    from pipeline.params import resolve_sft
+
+    text = (
+        "sft: {learning_rate: 0.01, lora_r: 8}\n"
+        "finetune: {defaults: {lora_r: 4, seed: 3}}\n"
+        "mixture: {defaults: {max_steps: 50}}\n"
+    )
+    params = load_params(write_params(tmp_path, text))
+    expert = resolve_sft(params.sft, params.finetune.defaults, params.finetune.experts["addition"])
+    assert (expert.learning_rate, expert.lora_r, expert.seed, expert.max_steps) == (0.01, 4, 3, 600)
+    mixture = resolve_sft(params.sft, params.mixture.defaults)
+    assert (mixture.learning_rate, mixture.lora_r, mixture.max_steps) == (0.01, 8, 50)
+    # every SFT setting can be overridden, with the same checks as in `sft`
+    message = params_error(tmp_path, "finetune: {defaults: {pad_to_multiple_of: 0}}\n")
+    assert "finetune.defaults.pad_to_multiple_of: Input should be greater than or equal to 1" in message
