@@ -396,8 +396,9 @@ class EvalSettings(Section):
     max_gen_tokens: int = Field(16, ge=1, le=32_768, description="Longest answer generated for exact-answer tasks.")
     apply_chat_template: bool = Field(
         False,
-        description="Render prompts with the model's chat template (instruct models such as Phi-3). "
-        "false: the embedded tasks write the default template's `Q: ...\\nA:\\n` format themselves.",
+        description="true: lm-eval renders every prompt with the model's chat template (instruct models such as "
+        "Phi-3). false: the embedded tasks write the question the way the model's own template wraps a user "
+        "message (the default template: `Q: ...\\nA:\\n`), exactly what SFT trained on.",
     )
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -18,9 +18,11 @@ The metrics file holds stable `task/metric` numbers only.
 
 Tasks (settings `eval.tasks`):
 - skills: per skill, `<skill>` exact answer (generate_until, exact_match after stripping
-  whitespace) and `<skill>_choice` multiple choice (acc, acc_norm); `all_skills/exact_match` and
-  `all_skills/acc` are the shares over every skill's items pooled (with equally many items per
-  skill, as the data stage writes them, the mean of the per-skill scores);
+  whitespace) and `<skill>_choice` multiple choice (acc, acc_norm), the question in the prompt
+  that the chat template of the model's tokenizer writes, as in the SFT rows;
+  `all_skills/exact_match` and `all_skills/acc` are the shares over every skill's items pooled
+  (with equally many items per skill, as the data stage writes them, the mean of the per-skill
+  scores);
 - stories: story completion, multiple choice (acc, acc_norm);
 - perplexity: held-out corpus text, loglikelihood_rolling (word_perplexity, bits_per_byte);
 - any other name: that lm-eval task, with its data from `eval.task_data` when given (offline).
@@ -33,6 +35,7 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +45,9 @@ from pipeline.atomic import atomic_dir, dumps_json, write_json
 from pipeline.kinds import MODEL_KINDS
 from pipeline.lineage import LINEAGE_FILE
 from pipeline.lineage import model_id as lineage_id
-from pipeline.params import EMBEDDED_TASKS, EvalSettings, InputError
+from pipeline.params import DEFAULT_CHAT_TEMPLATE, EMBEDDED_TASKS, EvalSettings, InputError
 from pipeline.records import json_records
-from pipeline.stage import configure_environment, start
+from pipeline.stage import configure_environment, resolve_device, start, use_bf16
 
 log = logging.getLogger("stages.eval")
 
@@ -63,10 +66,38 @@ STORY_FIELDS = ("context", "endings", "label")
 TEXT_FIELDS = ("text",)
 
 
-def question_prompt(settings: EvalSettings) -> str:
-    # With a chat template the model's own template wraps the question; otherwise write the
-    # default template's format (pipeline/params.py DEFAULT_CHAT_TEMPLATE) out here.
-    return "{{question}}" if settings.apply_chat_template else "Q: {{question}}\nA:\n"
+# Stands for the question while the chat template renders a prompt, which is then split around it.
+QUESTION_MARKER = "QUESTION_MARKER"
+
+
+def question_prompt(settings: EvalSettings, model_dir: Path) -> str:
+    """lm-eval's prompt (a Jinja template) for a skill question: with apply_chat_template lm-eval
+    wraps the bare question in the model's template itself; otherwise the prompt is written out
+    here from the template of the model's tokenizer, as the SFT rows were rendered."""
+    if settings.apply_chat_template:
+        return "{{question}}"
+    from transformers import AutoTokenizer
+
+    prefix, suffix = chat_prompt_around_question(AutoTokenizer.from_pretrained(model_dir))
+    return prefix + "{{question}}" + suffix
+
+
+def chat_prompt_around_question(tokenizer: Any) -> tuple[str, str]:
+    """The text the tokenizer's chat template writes before and after a user's question, up to
+    where the answer starts; a tokenizer without a template (a hub base model) gets the project's
+    default. The leading BOS is left out: lm-eval adds it as a token (add_bos_token)."""
+    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    question = [{"role": "user", "content": QUESTION_MARKER}]
+    text = tokenizer.apply_chat_template(question, chat_template=template, tokenize=False, add_generation_prompt=True)
+    if tokenizer.bos_token:
+        text = text.removeprefix(tokenizer.bos_token)
+    prefix, marker, suffix = text.partition(QUESTION_MARKER)
+    if not marker:
+        raise InputError(
+            f"the chat template of {tokenizer.name_or_path} does not write the user's message; "
+            "set eval.apply_chat_template or give the tokenizer a template that does"
+        )
+    return prefix, suffix
 
 
 # lm-eval's results keys that differ between identical runs (the date, the project's git commit,
@@ -83,8 +114,11 @@ def local_dataset(path: Path) -> dict[str, Any]:
     }
 
 
-def embedded_task_configs(settings: EvalSettings, eval_dir: Path, corpus_dir: Path) -> list[dict[str, Any]]:
-    """lm-eval task configurations for the embedded eval sets named in settings.tasks.
+def embedded_task_configs(
+    settings: EvalSettings, eval_dir: Path, corpus_dir: Path, prompt: str
+) -> list[dict[str, Any]]:
+    """lm-eval task configurations for the embedded eval sets named in settings.tasks; `prompt`
+    is the skill questions' prompt (question_prompt).
 
     Fields are named directly ("answer", not "{{answer}}") wherever no template is needed:
     lm-eval compiles a Jinja template anew for each use, a third of a CPU eval's time.
@@ -92,63 +126,67 @@ def embedded_task_configs(settings: EvalSettings, eval_dir: Path, corpus_dir: Pa
     configs: list[dict[str, Any]] = []
     if "skills" in settings.tasks:
         for skill in skill_names(eval_dir):
-            data = local_dataset(eval_dir / f"{skill}.jsonl")
-            configs.append(
-                {
-                    "task": skill,
-                    **data,
-                    "output_type": "generate_until",
-                    "doc_to_text": question_prompt(settings),
-                    "doc_to_target": "answer",
-                    "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": settings.max_gen_tokens},
-                    "filter_list": [
-                        {"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}
-                    ],
-                    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-                }
-            )
-            configs.append(
-                {
-                    "task": f"{skill}_choice",
-                    **data,
-                    "output_type": "multiple_choice",
-                    "doc_to_text": question_prompt(settings),
-                    "doc_to_choice": "choices",
-                    "doc_to_target": "label",
-                    # the prompt already ends with the template's newline before the answer
-                    "target_delimiter": " " if settings.apply_chat_template else "",
-                    "metric_list": CHOICE_METRICS,
-                }
-            )
+            configs += skill_task_configs(settings, skill, eval_dir / f"{skill}.jsonl", prompt)
     if "stories" in settings.tasks:
-        configs.append(
-            {
-                "task": "stories",
-                **local_dataset(eval_dir / "stories.jsonl"),
-                "output_type": "multiple_choice",
-                "doc_to_text": "context",
-                "doc_to_choice": "endings",
-                "doc_to_target": "label",
-                "target_delimiter": "",  # every ending starts with its own space
-                "metric_list": CHOICE_METRICS,
-            }
-        )
+        configs.append(story_task_config(eval_dir / "stories.jsonl"))
     if "perplexity" in settings.tasks:
-        configs.append(
-            {
-                "task": "perplexity",
-                **local_dataset(corpus_dir / "test.jsonl"),
-                "output_type": "loglikelihood_rolling",
-                "doc_to_text": "",
-                "doc_to_target": "text",
-                "metric_list": [
-                    {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
-                    {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
-                    {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
-                ],
-            }
-        )
+        configs.append(perplexity_task_config(corpus_dir / "test.jsonl"))
     return configs
+
+
+def skill_task_configs(settings: EvalSettings, skill: str, path: Path, prompt: str) -> list[dict[str, Any]]:
+    """The skill's exact-answer task and its multiple-choice task `<skill>_choice`."""
+    data = local_dataset(path)
+    exact_answer = {
+        "task": skill,
+        **data,
+        "output_type": "generate_until",
+        "doc_to_text": prompt,
+        "doc_to_target": "answer",
+        "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": settings.max_gen_tokens},
+        "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    }
+    choice = {
+        "task": f"{skill}_choice",
+        **data,
+        "output_type": "multiple_choice",
+        "doc_to_text": prompt,
+        "doc_to_choice": "choices",
+        "doc_to_target": "label",
+        # the chat template's prompt already ends where the answer starts
+        "target_delimiter": " " if settings.apply_chat_template else "",
+        "metric_list": CHOICE_METRICS,
+    }
+    return [exact_answer, choice]
+
+
+def story_task_config(path: Path) -> dict[str, Any]:
+    return {
+        "task": "stories",
+        **local_dataset(path),
+        "output_type": "multiple_choice",
+        "doc_to_text": "context",
+        "doc_to_choice": "endings",
+        "doc_to_target": "label",
+        "target_delimiter": "",  # every ending starts with its own space
+        "metric_list": CHOICE_METRICS,
+    }
+
+
+def perplexity_task_config(path: Path) -> dict[str, Any]:
+    return {
+        "task": "perplexity",
+        **local_dataset(path),
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "text",
+        "metric_list": [
+            {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+            {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+            {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+        ],
+    }
 
 
 def skill_names(eval_dir: Path) -> list[str]:
@@ -223,14 +261,10 @@ def write_task_files(configs: list[dict[str, Any]], folder: Path) -> None:
 
 
 def resolve_device_and_dtype(settings: EvalSettings) -> tuple[str, str]:
-    import torch
-
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(settings.device)
     dtype = settings.dtype
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "bfloat16" if use_bf16(dtype, device) else "float32"
     return device, dtype
 
 
@@ -299,6 +333,18 @@ def check_model_id(model_id: str) -> None:
         raise InputError(f"--name {model_id!r} must be <kind>/<name> with a kind of {', '.join(MODEL_KINDS)}")
 
 
+@dataclass
+class Tasks:
+    """What lm-eval runs: its task names, the names the metrics give them where they differ
+    (arc_easy for arc_easy_local), the skills (pooled into all_skills) and the TaskManager that
+    finds them."""
+
+    names: list[str]
+    labels: dict[str, str]
+    skills: list[str]
+    manager: Any
+
+
 def run(
     settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Path, raw_dir: Path, *, model_id: str
 ) -> dict[str, float]:
@@ -306,76 +352,89 @@ def run(
     lineage to raw_dir; return the metrics."""
     check_model_id(model_id)
     check_eval_sets(settings, eval_dir, corpus_dir)
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     # The task YAMLs are scratch: one of them includes lm-eval's own YAML by its path in this
     # environment, and results.json keeps the configurations lm-eval resolved from them.
-    with atomic_dir(raw_dir) as tmp, tempfile.TemporaryDirectory(prefix="lm-eval-tasks-") as tasks:
+    with atomic_dir(raw_dir) as tmp, tempfile.TemporaryDirectory(prefix="lm-eval-tasks-") as tasks_dir:
         copy_lineage(model_dir, model_id, tmp / "lineage.json")
-        tasks_dir = Path(tasks)
-        configs = embedded_task_configs(settings, eval_dir, corpus_dir)
-        write_task_files(configs, tasks_dir)
-        task_names = [c["task"] for c in configs]
-        labels: dict[str, str] = {}
-        standard = [name for name in settings.tasks if name not in EMBEDDED_TASKS]
-        # Indexing lm-eval's ~14,000 built-in task YAMLs costs ~6 s per process: only when asked for.
-        manager = TaskManager(include_path=str(tasks_dir), include_defaults=bool(standard))
-        unknown = [name for name in standard if name not in manager.all_tasks]
-        if unknown:
-            raise InputError(f"eval.tasks: {unknown} are not lm-eval tasks (see `lm-eval ls tasks`)")
-        overrides = []
-        for name in standard:
-            if name in settings.task_data:
-                builtin = manager.task_index[name]["yaml_path"]
-                overrides.append(standard_task_override(name, settings.task_data[name], builtin))
-                labels[f"{name}_local"] = name
-                task_names.append(f"{name}_local")
-            else:
-                task_names.append(name)
-        if overrides:
-            write_task_files(overrides, tasks_dir)
-            manager = TaskManager(include_path=str(tasks_dir))
-
-        device, dtype = resolve_device_and_dtype(settings)
-        log.info("evaluating %s on %s (%s, %s)", model_dir, ", ".join(task_names), device, dtype)
-        model = HFLM(
-            pretrained=str(model_dir),
-            device=device,
-            dtype=dtype,
-            batch_size=settings.batch_size,
-            add_bos_token=True,  # every training sequence started with BOS
-        )
-        output = lm_eval.simple_evaluate(
-            model=model,
-            tasks=task_names,
-            num_fewshot=settings.num_fewshot,
-            limit=settings.limit,
-            log_samples=True,
-            apply_chat_template=settings.apply_chat_template,
-            task_manager=manager,
-            random_seed=settings.seed,
-            numpy_random_seed=settings.seed,
-            torch_random_seed=settings.seed,
-            fewshot_random_seed=settings.seed,
-        )
-        samples = output.pop("samples", {})
-        for key in VOLATILE_RESULTS:
-            output.pop(key, None)
-        (tmp / "results.json").write_text(json.dumps(output, indent=2, default=str, sort_keys=True))
-        with open(tmp / "samples.jsonl", "w") as handle:
-            for task, rows in sorted(samples.items()):
-                for row in rows:
-                    handle.write(json.dumps({"task": task, **row}, default=str) + "\n")
-        skills = [c["task"] for c in configs if c["output_type"] == "generate_until"]
-        items = item_outcomes(samples, labels)
-        pooled = pooled_skill_items(items, skills)
-        (tmp / "items.json").write_text(items_json({**items, **pooled}))
-    metrics = stable_metrics(output["results"], labels)
+        tasks = write_tasks(settings, model_dir, eval_dir, corpus_dir, Path(tasks_dir))
+        output = evaluate(settings, model_dir, tasks)
+        pooled = write_raw_outputs(output, tasks, tmp)
+    metrics = stable_metrics(output["results"], tasks.labels)
     metrics.update({key: round(sum(outcomes) / len(outcomes), 4) for key, outcomes in pooled.items()})
     log.info("metrics: %s", dumps_json(metrics))
     return metrics
+
+
+def write_tasks(settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_dir: Path, folder: Path) -> Tasks:
+    """Write the task YAMLs into `folder`: the embedded tasks, and the standard tasks that read
+    local data; raise InputError for a task lm-eval does not know."""
+    from lm_eval.tasks import TaskManager
+
+    configs = embedded_task_configs(settings, eval_dir, corpus_dir, question_prompt(settings, model_dir))
+    write_task_files(configs, folder)
+    standard = [name for name in settings.tasks if name not in EMBEDDED_TASKS]
+    # Indexing lm-eval's ~14,000 built-in task YAMLs costs ~6 s per process: only when asked for.
+    manager = TaskManager(include_path=str(folder), include_defaults=bool(standard))
+    if unknown := [name for name in standard if name not in manager.all_tasks]:
+        raise InputError(f"eval.tasks: {unknown} are not lm-eval tasks (see `lm-eval ls tasks`)")
+    local = [name for name in standard if name in settings.task_data]
+    if local:
+        overrides = [
+            standard_task_override(name, settings.task_data[name], manager.task_index[name]["yaml_path"])
+            for name in local
+        ]
+        write_task_files(overrides, folder)
+        manager = TaskManager(include_path=str(folder))
+    labels = {f"{name}_local": name for name in local}
+    names = [c["task"] for c in configs] + [f"{name}_local" if name in local else name for name in standard]
+    skills = [c["task"] for c in configs if c["output_type"] == "generate_until"]
+    return Tasks(names, labels, skills, manager)
+
+
+def evaluate(settings: EvalSettings, model_dir: Path, tasks: Tasks) -> dict[str, Any]:
+    """lm-eval's output on the model: results, task configurations and per-item samples."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    device, dtype = resolve_device_and_dtype(settings)
+    log.info("evaluating %s on %s (%s, %s)", model_dir, ", ".join(tasks.names), device, dtype)
+    model = HFLM(
+        pretrained=str(model_dir),
+        device=device,
+        dtype=dtype,
+        batch_size=settings.batch_size,
+        add_bos_token=True,  # every training sequence started with BOS
+    )
+    return lm_eval.simple_evaluate(
+        model=model,
+        tasks=tasks.names,
+        num_fewshot=settings.num_fewshot,
+        limit=settings.limit,
+        log_samples=True,
+        apply_chat_template=settings.apply_chat_template,
+        task_manager=tasks.manager,
+        random_seed=settings.seed,
+        numpy_random_seed=settings.seed,
+        torch_random_seed=settings.seed,
+        fewshot_random_seed=settings.seed,
+    )
+
+
+def write_raw_outputs(output: dict[str, Any], tasks: Tasks, folder: Path) -> dict[str, list[int]]:
+    """Write results.json (less the samples and VOLATILE_RESULTS, which leave `output`),
+    samples.jsonl and items.json to `folder`; return the pooled all_skills items."""
+    samples = output.pop("samples", {})
+    for key in VOLATILE_RESULTS:
+        output.pop(key, None)
+    (folder / "results.json").write_text(json.dumps(output, indent=2, default=str, sort_keys=True))
+    with open(folder / "samples.jsonl", "w") as handle:
+        for task, rows in sorted(samples.items()):
+            for row in rows:
+                handle.write(json.dumps({"task": task, **row}, default=str) + "\n")
+    items = item_outcomes(samples, tasks.labels)
+    pooled = pooled_skill_items(items, tasks.skills)
+    (folder / "items.json").write_text(items_json({**items, **pooled}))
+    return pooled
 
 
 def main(argv: list[str] | None = None) -> None:

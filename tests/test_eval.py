@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -97,8 +96,9 @@ def test_exact_match_agrees_with_direct_greedy_generation(tiny_pretrained, tiny_
     questions = [json.loads(line) for line in (tiny_data / "eval" / "addition.jsonl").read_text().splitlines()][:10]
     rows = []
     for index, item in enumerate(questions):
-        prompt = f"Q: {item['question']}\nA:\n"
-        ids = tokenizer(prompt, return_tensors="pt")  # adds BOS, as the eval stage asks lm-eval to
+        question = [{"role": "user", "content": item["question"]}]
+        prompt = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")  # BOS from the template
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -146,13 +146,58 @@ def test_task_data_must_name_a_listed_task(tmp_path):
         load_params(path)
 
 
-def test_prompts_follow_the_chat_template_setting(tmp_path):
-    eval_dir = Path(tmp_path)
-    (eval_dir / "addition.jsonl").write_text("{}\n")
-    plain = evaluation.embedded_task_configs(EvalSettings(tasks=["skills"]), eval_dir, eval_dir)
-    chat = evaluation.embedded_task_configs(
-        EvalSettings(tasks=["skills"], apply_chat_template=True), eval_dir, eval_dir
-    )
-    assert plain[0]["doc_to_text"] == "Q: {{question}}\nA:\n"  # the default chat template's format
-    assert chat[0]["doc_to_text"] == "{{question}}"
-    assert load_params().tokenize.chat_template  # renders "Q: ...\nA:\n" too (test_tokenize)
+# A template unlike the project's: eval must follow the template, not a format of its own.
+HEADED_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '### Question: ' + message['content'] + '\\n' }}"
+    "{% else %}{{ '### Answer: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Answer: ' }}{% endif %}"
+)
+
+
+def tokenizer_folder(tiny_tokenized, template, folder):
+    """The tiny tokenizer with `template` as its chat template, saved as a model folder holds it."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenized[0])
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "template", [load_params().tokenize.chat_template, HEADED_TEMPLATE], ids=["configured", "headed"]
+)
+def test_prompts_lm_eval_sends_are_the_sft_rows(template, tiny_tokenized, tiny_data, tmp_path):
+    """The text lm-eval scores for a skill item is the SFT row of its question and answer as the
+    model's chat template renders it, less the BOS (lm-eval adds it as a token) and the EOS."""
+    import lm_eval.tasks
+
+    tokenizer = tokenizer_folder(tiny_tokenized, template, tmp_path / "model")
+    row = json.loads((tiny_data / "eval" / "addition.jsonl").read_text().splitlines()[0])
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "addition.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "tasks").mkdir()
+    settings = EvalSettings(tasks=["skills"])
+    tasks = evaluation.write_tasks(settings, tmp_path / "model", tmp_path / "eval", tmp_path, tmp_path / "tasks")
+    built = lm_eval.tasks.get_task_dict(tasks.names, tasks.manager)
+    for task in built.values():
+        task.build_all_requests(limit=1)
+
+    messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+    sft_row = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert sft_row.startswith(tokenizer.bos_token) and sft_row.endswith(tokenizer.eos_token)
+    trained_text = sft_row.removeprefix(tokenizer.bos_token).removesuffix(tokenizer.eos_token)
+    prompt, _ = built["addition"].instances[0].arguments
+    assert prompt + row["answer"] == trained_text
+    context, continuation = built["addition_choice"].instances[row["label"]].arguments
+    assert context + continuation == trained_text
+
+
+def test_prompts_follow_the_chat_template_setting(tiny_tokenized, tmp_path):
+    tokenizer_folder(tiny_tokenized, load_params().tokenize.chat_template, tmp_path / "model")
+    tokenizer_folder(tiny_tokenized, None, tmp_path / "base")
+    # the project's template: the prompt results.json has always held
+    assert evaluation.question_prompt(EvalSettings(), tmp_path / "model") == "Q: {{question}}\nA:\n"
+    # a tokenizer without a template gets the project's default one
+    assert evaluation.question_prompt(EvalSettings(), tmp_path / "base") == "Q: {{question}}\nA:\n"
+    # lm-eval applies the model's template itself
+    assert evaluation.question_prompt(EvalSettings(apply_chat_template=True), tmp_path / "model") == "{{question}}"
