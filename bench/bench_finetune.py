@@ -19,9 +19,9 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from pipeline.params import PROJECT_ROOT, load_params
+from pipeline import sft
+from pipeline.params import PROJECT_ROOT, load_params, resolve_sft
 from pipeline.stage import configure_environment
-from stages import finetune
 
 
 def timed(command: list[str]) -> tuple[float, str]:
@@ -34,13 +34,13 @@ def main() -> None:
     configure_environment()
     params = load_params()
     expert = params.finetune.experts["addition"]
-    settings = expert.resolve(params.finetune.defaults)
+    settings = resolve_sft(params.sft, params.finetune.defaults, expert)
     base = params.finetune.base_model
     if not (PROJECT_ROOT / base / "config.json").is_file():
         raise SystemExit(f"error: {base} is missing: run `make run` first")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        config = finetune.axolotl_config(settings, base, expert.dataset, work, finetune.use_bf16(settings))
+        config = sft.axolotl_config(settings, base, expert.dataset, work, sft.use_bf16(settings))
         config["plugins"] = []  # time axolotl alone
         config_path = work / "axolotl.yaml"
         with open(config_path, "w") as handle:

@@ -27,12 +27,14 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-from pipeline.atomic import atomic_dir, atomic_path, dumps_json
+from pipeline import stage
+from pipeline.atomic import atomic_dir, atomic_path
 from pipeline.curves import last_value
-from pipeline.lineage import model_id, write_lineage
+from pipeline.lineage import json_block, model_id, write_lineage
+from pipeline.lineage import model_card as card_layout
 from pipeline.params import PROJECT_ROOT, InputError, SFTSettings
 from pipeline.records import json_records, open_parquet
-from pipeline.stage import DVCLIVE_DIR_VARIABLE, die_with_parent
+from pipeline.stage import DVCLIVE_DIR_VARIABLE, RunFailed, die_with_parent
 
 log = logging.getLogger("pipeline.sft")
 
@@ -42,11 +44,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 
 
 def use_bf16(settings: SFTSettings) -> bool:
-    import torch
-
-    if settings.precision == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return settings.precision == "bf16"
+    """Whether axolotl trains in bfloat16: the rule of every stage, on this machine's device."""
+    return stage.use_bf16(settings.precision, stage.resolve_device())
 
 
 def axolotl_config(
@@ -256,11 +255,10 @@ def check_dropped(settings: SFTSettings, dataset: Path, where: str, rows: int, d
     if not rows:
         raise InputError(f"{where}: dataset {dataset} has no rows")
     if dropped == rows or dropped / rows > settings.max_dropped_share:
-        defaults = where.split(".")[0] + ".defaults"
         raise InputError(
             f"{dropped} of {rows} rows of {dataset} {when} longer than sequence_len {settings.sequence_len} "
             f"tokens; axolotl drops them (max_dropped_share is {settings.max_dropped_share}). Raise "
-            f"{where}.sequence_len (or {defaults}.sequence_len), or max_dropped_share."
+            f"{where}.sequence_len (or sft.sequence_len, for every run), or max_dropped_share."
         )
 
 
@@ -290,7 +288,7 @@ def wait_for_axolotl(process: subprocess.Popen) -> None:
         raise
     if process.returncode != 0:
         command = " ".join(process.args[1:])
-        raise SystemExit(f"error: `{command}` failed with exit code {process.returncode} (its log is above)")
+        raise RunFailed(f"`{command}` failed with exit code {process.returncode} (its log is above)")
 
 
 @dataclass(frozen=True)
@@ -423,18 +421,7 @@ def summarize(live_dir: Path) -> dict[str, Any]:
 
 
 def model_card(target: Target, base_model: str, dataset: str, settings: SFTSettings, summary: dict[str, Any]) -> str:
-    return f"""# `{target.kind}/{target.name}`
-
-Trained by this project's `{target.stage}` stage with axolotl from `{base_model}` on
-`{dataset}` (loss on the answers only). The generated axolotl config is `axolotl.yaml`.
-
-## Final metrics
-
-```json
-{dumps_json(summary)}```
-
-## SFT settings
-
-```json
-{dumps_json(settings.model_dump(mode="json"))}```
-"""
+    intro = f"""Trained by this project's `{target.stage}` stage with axolotl from `{base_model}` on
+`{dataset}` (loss on the answers only). The generated axolotl config is `axolotl.yaml`."""
+    sections = {"Final metrics": json_block(summary), "SFT settings": json_block(settings.model_dump(mode="json"))}
+    return card_layout(f"`{target.kind}/{target.name}`", intro, sections)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.params import HubSource
+from pipeline.params import HubSource, InputError
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.hub")
@@ -52,8 +52,8 @@ def download(source: HubSource, out_dir: Path, cache_dir: Path | None = None) ->
     names = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file() and p.name != ".gitattributes"]
     files = [snapshot / name for name in sorted(filter_repo_objects(names, allow_patterns=source.allow_patterns))]
     if not files:
-        raise SystemExit(
-            f"error: hub snapshot of {source.repo_id} at {source.revision} has no files matching "
+        raise InputError(
+            f"hub snapshot of {source.repo_id} at {source.revision} has no files matching "
             f"allow_patterns {source.allow_patterns}"
         )
     with atomic_dir(out_dir) as tmp:

@@ -20,8 +20,9 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from pipeline.atomic import atomic_dir, dumps_json
-from pipeline.lineage import LINEAGE_FILE, model_id, write_lineage
+from pipeline.atomic import atomic_dir
+from pipeline.lineage import LINEAGE_FILE, json_block, model_id, write_lineage
+from pipeline.lineage import model_card as card_layout
 from pipeline.params import MERGE_METHODS, InputError, MergeRecipe
 from pipeline.stage import configure_environment, start
 
@@ -129,23 +130,15 @@ def run(recipe_name: str, recipe: MergeRecipe, experts: dict[str, str], base_mod
 def model_card(name: str, recipe: MergeRecipe, config: dict[str, Any]) -> str:
     parents = "\n".join(f"- `{model['model']}`" for model in config["models"])
     base = (
-        f"\nBase model (task vectors are taken against it): `{config['base_model']}`.\n"
+        f"Base model (task vectors are taken against it): `{config['base_model']}`.\n\n"
         if "base_model" in config
         else ""
     )
-    return f"""# Merge `{name}`
-
-Made by this project's `merge@{name}` stage with mergekit, method `{recipe.method}`, from:
-
-{parents}
-{base}
-The exact mergekit configuration is `mergekit.yaml`.
-
-## Recipe
-
-```json
-{dumps_json(recipe.model_dump(mode="json"))}```
-"""
+    intro = (
+        f"Made by this project's `merge@{name}` stage with mergekit, method `{recipe.method}`, from:\n\n"
+        f"{parents}\n\n{base}The exact mergekit configuration is `mergekit.yaml`."
+    )
+    return card_layout(f"Merge `{name}`", intro, {"Recipe": json_block(recipe.model_dump(mode="json"))})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,12 +24,13 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from pipeline.atomic import atomic_dir, dumps_json, write_json
-from pipeline.lineage import model_id, write_lineage
-from pipeline.params import ExpertPrompts, MoESettings, MoEVariant
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.lineage import json_block, model_id, write_lineage
+from pipeline.lineage import model_card as card_layout
+from pipeline.params import ExpertPrompts, InputError, MoESettings, MoEVariant
 from pipeline.routing import EXPERT_NAMES, routing_metrics
 from pipeline.sft import dataset_format
-from pipeline.stage import configure_environment, start
+from pipeline.stage import RunFailed, configure_environment, resolve_device, start
 
 log = logging.getLogger("stages.moe")
 
@@ -68,8 +69,8 @@ def moe_config(
         expert: dict[str, Any] = {"source_model": path}
         if routed_by_prompts:
             if name not in prompts:
-                raise SystemExit(
-                    f"error: moe.gate_mode {settings.gate_mode} routes by prompts and expert {name!r} has none: "
+                raise InputError(
+                    f"moe.gate_mode {settings.gate_mode} routes by prompts and expert {name!r} has none: "
                     f"set moe.prompts.{name} (positive: [...]), or use gate_mode random"
                 )
             expert["positive_prompts"] = prompts[name].positive
@@ -80,14 +81,14 @@ def moe_config(
         routed_by_prompts
         and len({str(e.get("positive_prompts")) + str(e.get("negative_prompts")) for e in experts}) == 1
     ):
-        raise SystemExit(
-            f"error: every expert of the MoE ({', '.join(sources)}) has the same prompts, so the "
+        raise InputError(
+            f"every expert of the MoE ({', '.join(sources)}) has the same prompts, so the "
             f"{settings.gate_mode} gate cannot tell them apart (e.g. merges of the same experts): set distinct "
             "moe.prompts or use gate_mode random"
         )
     if settings.experts_per_token > len(experts):
-        raise SystemExit(
-            f"error: moe.experts_per_token {settings.experts_per_token} is more than the {len(experts)} experts "
+        raise InputError(
+            f"moe.experts_per_token {settings.experts_per_token} is more than the {len(experts)} experts "
             f"({', '.join(sources)})"
         )
     return {
@@ -114,12 +115,11 @@ def build(
     allow_all_same = variant.source == "base"  # copies of one model, made different by training
     moe_config_model = MoEMergeConfig.model_validate(config)
     if is_bad_config(moe_config_model, allow_all_same=allow_all_same):  # logs why
-        raise SystemExit("error: mergekit-moe rejects the MoE configuration (its reason is logged above)")
+        raise RunFailed("mergekit-moe rejects the MoE configuration (its reason is logged above)")
     torch.manual_seed(settings.seed)  # the random gates
     with atomic_dir(out_dir) as tmp:
         options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        mergekit_moe_build(moe_config_model, str(tmp), options, device=device, allow_all_same=allow_all_same)
+        mergekit_moe_build(moe_config_model, str(tmp), options, device=resolve_device(), allow_all_same=allow_all_same)
         AutoTokenizer.from_pretrained(config["base_model"]).save_pretrained(tmp)
         (tmp / EXPERT_NAMES).write_text(json.dumps(list(sources)) + "\n")
         with open(tmp / "mergekit_moe.yaml", "w") as handle:
@@ -133,21 +133,16 @@ def build(
 
 def model_card(settings: MoESettings, variant_name: str, variant: MoEVariant, config: dict[str, Any]) -> str:
     experts = "\n".join(f"- `{e['source_model']}`" for e in config["experts"])
-    return f"""# Mixture of experts `moe/{variant_name}`
-
-Made by this project's `moe@{variant_name}` stage with mergekit-moe (Mixtral architecture, gate mode
+    intro = f"""Made by this project's `moe@{variant_name}` stage with mergekit-moe (Mixtral architecture, gate mode
 `{settings.gate_mode}`, {settings.experts_per_token} experts per token) from source `{variant.source}`:
 
 {experts}
 
 Attention, embeddings and norms come from `{config["base_model"]}`. The exact mergekit-moe
-configuration is `mergekit_moe.yaml`.
-
-## Settings
-
-```json
-{dumps_json(settings.model_dump(mode="json"))}```
-"""
+configuration is `mergekit_moe.yaml`."""
+    return card_layout(
+        f"Mixture of experts `moe/{variant_name}`", intro, {"Settings": json_block(settings.model_dump(mode="json"))}
+    )
 
 
 def variant_sources(

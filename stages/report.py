@@ -18,8 +18,9 @@ merge against the best expert) get McNemar's exact test on the pooled skill item
 over the pairs, and one generated sentence each (the findings).
 
 Outputs in --out:
-- leaderboard.md: findings; models (rows, by kind) x the main metrics, the best of each column in
-  bold; the paired tests; every task/metric;
+- leaderboard.md: findings; models (rows, by kind) x the main metrics, in each column the cells
+  holding its best value in bold (every tied cell; none when one model alone has the metric); the
+  selected merges; the paired tests; every task/metric, bolded the same way;
 - skill_matrix.png: models (rows, by kind) x skills, exact-answer accuracy, all skills pooled apart;
 - curves.png: training and validation loss, one panel per training run;
 - routing.png: tokens routed to each expert of each MoE (when routing JSONs exist);
@@ -45,6 +46,9 @@ from typing import Any
 
 from pipeline.atomic import atomic_path, write_json, write_text
 from pipeline.kinds import MODEL_KINDS
+from pipeline.lineage import json_block
+from pipeline.lineage import model_card as card_layout
+from pipeline.params import InputError
 from pipeline.stage import start
 from pipeline.stats import discordant_counts, holm, mcnemar_exact, proportion
 
@@ -133,7 +137,7 @@ def model_order(model_id: str) -> tuple[int, str]:
 
 def read_json(path: Path, hint: str) -> Any:
     if not path.is_file():
-        raise SystemExit(f"error: {path} is missing: {hint}")
+        raise InputError(f"{path} is missing: {hint}")
     return json.loads(path.read_text())
 
 
@@ -142,8 +146,8 @@ def load_models(eval_dir: Path, raw_dir: Path) -> dict[str, Model]:
     paths = {path.relative_to(eval_dir).with_suffix("").as_posix(): path for path in eval_dir.rglob("*.json")}
     strays = sorted(model_id for model_id in paths if "/" not in model_id or model_order(model_id)[0] < 0)
     if strays:
-        raise SystemExit(
-            f"error: {eval_dir} holds metrics outside the kind folders ({', '.join(MODEL_KINDS)}): {strays}; "
+        raise InputError(
+            f"{eval_dir} holds metrics outside the kind folders ({', '.join(MODEL_KINDS)}): {strays}; "
             "remove them (left over from an older layout?)"
         )
     models = {}
@@ -181,7 +185,7 @@ def leaderboard_columns(models: dict[str, Model]) -> list[str]:
 
 
 def best_values(models: dict[str, Model], metrics: list[str]) -> dict[str, float]:
-    """metric -> best value, for the metrics more than one model has (lowest for perplexity)."""
+    """metric -> best value, for the metrics more than one model has (lowest for LOWER_IS_BETTER)."""
     best = {}
     for metric in metrics:
         values = [model.metrics[metric] for model in models.values() if metric in model.metrics]
@@ -191,7 +195,7 @@ def best_values(models: dict[str, Model], metrics: list[str]) -> dict[str, float
 
 
 def table_cells(models: dict[str, Model], metrics: list[str]) -> dict[str, list[tuple[Score | None, bool]]]:
-    """model id -> (score, is the column's best) per metric."""
+    """model id -> (score, whether it equals the column's best value: ties are all best) per metric."""
     best = best_values(models, metrics)
     return {
         model_id: [(score(model, m), m in best and model.metrics.get(m) == best[m]) for m in metrics]
@@ -237,8 +241,8 @@ def paired_tests(models: dict[str, Model], pairs: list[Pair]) -> list[PairedTest
     for pair in pairs:
         a, b = models[pair.a].items[POOLED], models[pair.b].items[POOLED]
         if len(a) != len(b):
-            raise SystemExit(
-                f"error: {pair.a} and {pair.b} were scored on different skill items ({len(a)} vs {len(b)}): "
+            raise InputError(
+                f"{pair.a} and {pair.b} were scored on different skill items ({len(a)} vs {len(b)}): "
                 "evaluate every model with the same eval settings"
             )
         outcomes[pair.key] = (a, b)
@@ -354,7 +358,8 @@ def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> s
 
 
 def markdown_scores(models: dict[str, Model], metrics: list[str]) -> str:
-    """Models as rows (kind, name), metrics as columns, the best of each column in bold."""
+    """Models as rows (kind, name), metrics as columns; in each column the cells holding its best
+    value are bold (see best_values: none when one model alone has the metric)."""
     rows = []
     for model_id, cells in table_cells(models, metrics).items():
         texts = ["" if s is None else (f"**{s.text()}**" if best else s.text()) for s, best in cells]
@@ -387,23 +392,18 @@ def lineage_sentence(lineage: dict[str, Any]) -> str:
 
 def model_card(model: Model) -> str:
     rows = [[f"`{metric}`", score(model, metric).text()] for metric in sorted(model.metrics)]
-    settings = json.dumps(model.lineage.get("settings", {}), indent=2, sort_keys=True)
-    return f"""# {model.id}
-
-{lineage_sentence(model.lineage)}
-
-## Evaluation (lm-evaluation-harness)
-
-Shares of items right with their 95% Wilson confidence interval.
-
-{markdown_table(["task/metric", "value [95% CI]"], rows)}
-
-## Settings of the stage that made it
-
-```json
-{settings}
-```
-"""
+    evaluation = (
+        "Shares of items right with their 95% Wilson confidence interval.\n\n"
+        f"{markdown_table(['task/metric', 'value [95% CI]'], rows)}\n"
+    )
+    return card_layout(
+        model.id,
+        lineage_sentence(model.lineage),
+        {
+            "Evaluation (lm-evaluation-harness)": evaluation,
+            "Settings of the stage that made it": json_block(model.lineage.get("settings", {})),
+        },
+    )
 
 
 def plot_skill_matrix(models: dict[str, Model], path: Path) -> None:
@@ -676,7 +676,7 @@ def run(
     """Write the report and the headline metrics; return the headline."""
     models = load_models(eval_dir, raw_dir)
     if not models:
-        raise SystemExit(f"error: no eval metrics in {eval_dir}: run the eval stages first")
+        raise InputError(f"no eval metrics in {eval_dir}: run the eval stages first")
     selection = json.loads(selection_path.read_text()) if selection_path else None
     tests = paired_tests(models, research_pairs(models))
     write_text(out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection))
@@ -705,7 +705,7 @@ def parse_pairs(pairs: list[str], flag: str) -> dict[str, str]:
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep:
-            raise SystemExit(f"error: {flag} takes NAME=PATH, got {pair!r}")
+            raise InputError(f"{flag} takes NAME=PATH, got {pair!r}")
         result[name] = path
     return result
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json
-from pipeline.params import SelectSettings
+from pipeline.params import InputError, SelectSettings
 from pipeline.stage import start
 
 log = logging.getLogger("stages.select")
@@ -32,14 +32,14 @@ def select(settings: SelectSettings, scores: dict[str, float | None]) -> dict[st
     selected = ranked[: settings.top_k]
     shown = ", ".join(f"{name}={score}" for name, score in sorted(scores.items()))
     if not selected:
-        raise SystemExit(
-            f"error: no merge qualifies for select.metric {settings.metric!r} with min_score {settings.min_score} "
+        raise InputError(
+            f"no merge qualifies for select.metric {settings.metric!r} with min_score {settings.min_score} "
             f"(scores: {shown}); lower select.min_score or improve the merges"
         )
     missing = settings.top_k - len(selected)
     if missing and settings.on_too_few == "fail":
-        raise SystemExit(
-            f"error: only {len(selected)} of select.top_k={settings.top_k} merges qualify ({shown}); "
+        raise InputError(
+            f"only {len(selected)} of select.top_k={settings.top_k} merges qualify ({shown}); "
             "lower select.min_score or top_k, or set select.on_too_few: keep"
         )
     return {
@@ -57,13 +57,11 @@ def read_scores(eval_dir: Path, recipes: list[str], metric: str) -> dict[str, fl
     for recipe in recipes:
         path = eval_dir / f"{recipe}.json"
         if not path.is_file():
-            raise SystemExit(f"error: {path} is missing: run eval_merge@{recipe} first")
+            raise InputError(f"{path} is missing: run eval_merge@{recipe} first")
         scores[recipe] = json.loads(path.read_text()).get(metric)
     if all(score is None for score in scores.values()):
         known = sorted(json.loads((eval_dir / f"{recipes[0]}.json").read_text()))
-        raise SystemExit(
-            f"error: select.metric {metric!r} is in no merge's eval metrics; they have: {', '.join(known)}"
-        )
+        raise InputError(f"select.metric {metric!r} is in no merge's eval metrics; they have: {', '.join(known)}")
     return scores
 
 
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     params = start("select")
     recipes = list(params.merge.recipes)
     if not recipes:
-        raise SystemExit("error: merge.recipes is empty: there is nothing to select from")
+        raise InputError("merge.recipes is empty: there is nothing to select from")
     selection = select(params.select, read_scores(args.eval_metrics, recipes, params.select.metric))
     log.info("selected %s by %s", ", ".join(selection["selected"]), params.select.metric)
     write_json(args.out, selection)

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.params import TokenizeSettings
+from pipeline.params import InputError, TokenizeSettings
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.tokenize")
@@ -85,8 +85,8 @@ def load_base_tokenizer(base_model: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(base_model)
     except Exception as error:
-        raise SystemExit(
-            f"error: tokenize.base_model={base_model!r}: cannot load its tokenizer ({error}). Give a local "
+        raise InputError(
+            f"tokenize.base_model={base_model!r}: cannot load its tokenizer ({error}). Give a local "
             "Hugging Face model folder, or a hub id with network access (HF_HUB_OFFLINE=0)."
         ) from None
 

@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from pipeline import sft
 from pipeline.lineage import write_lineage
 from pipeline.params import (
+    PROJECT_ROOT,
     CorpusSettings,
     DataSettings,
     EvalSettings,
@@ -22,6 +25,7 @@ from pipeline.params import (
     MergeRecipe,
     SFTSettings,
     SkillSettings,
+    load_params,
 )
 from stages import data, merge, pretrain
 from stages import eval as evaluation
@@ -63,6 +67,25 @@ def assert_names(raised: pytest.ExceptionInfo, path: Path, expected: str) -> Non
     assert type(raised.value) is InputError, message
     assert str(path) in message and expected in message, message
     assert "\n" not in message  # one line
+
+
+# Stage processes: the message alone, one line on stderr, exit status 1 (pipeline/stage.py's hook)
+
+
+def test_stage_processes_print_bad_input_as_one_error_line(tmp_path):
+    evals, recipe = tmp_path / "eval", next(iter(load_params().merge.recipes))
+    evals.mkdir()
+    select = ["stages.select", "--eval-metrics", str(evals), "--out", str(tmp_path / "select.json")]
+    report = ["stages.report", "--eval-metrics", str(evals), "--eval-raw", str(tmp_path / "raw"),
+              "--out", str(tmp_path / "report"), "--headline", str(tmp_path / "headline.json")]  # fmt: skip
+    for command, expected in (
+        (select, f"error: {evals / recipe}.json is missing: run eval_merge@{recipe} first"),
+        (report, f"error: no eval metrics in {evals}: run the eval stages first"),
+    ):
+        result = subprocess.run([sys.executable, "-m", *command], cwd=PROJECT_ROOT, capture_output=True, text=True)
+        assert (result.returncode, result.stderr.splitlines()[-1]) == (1, expected), result.stderr
+        assert "Traceback" not in result.stderr
+    assert [path.name for path in tmp_path.iterdir()] == ["eval"]  # neither stage wrote an output
 
 
 # SFT datasets (pipeline/sft.py, behind finetune, dense and the MoE runs)

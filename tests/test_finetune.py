@@ -18,8 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import sft
 from pipeline.params import PROJECT_ROOT, InputError, SFTSettings
+from pipeline.stage import RunFailed
 
-TINY_SFT = SFTSettings(max_steps=30, learning_rate=5e-3, micro_batch_size=16, sequence_len=64, warmup_steps=3)
+# replay_rows=0: the SFT rows alone (the default mixes in pretraining passages, tested on their own below)
+TINY_SFT = SFTSettings(
+    max_steps=30, learning_rate=5e-3, micro_batch_size=16, sequence_len=64, warmup_steps=3, replay_rows=0
+)
 
 
 def finetune_into(root: Path, settings: SFTSettings, base: Path, dataset: Path, replay_text: Path | None = None):
@@ -172,6 +176,12 @@ def test_too_few_replay_passages_is_a_clear_error(tiny_pretrained, tiny_data, tm
                        r"48 tokens .*lower replay_rows or raise replay_max_tokens"):  # fmt: skip
         replay_passages(tiny_data, tiny_pretrained[1] / "model", tmp_path / "replay.jsonl", replay_rows=100_000)
     assert not (tmp_path / "replay.jsonl").exists()
+
+
+def test_a_failed_axolotl_run_is_one_line_naming_the_command():
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RunFailed, match=r"^`-c raise SystemExit\(3\)` failed with exit code 3 \(its log is above\)$"):
+        sft.wait_for_axolotl(process)
 
 
 def test_cpu_config_has_the_settings_cpu_needs():

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.lineage import write_lineage
-from pipeline.params import MERGE_METHODS, MergeRecipe, SelectSettings, load_params
+from pipeline.params import MERGE_METHODS, InputError, MergeRecipe, SelectSettings, load_params
 from stages import merge
 from stages.select import select
 from tests.project import params_error
@@ -152,7 +152,7 @@ def test_selection_with_too_few_qualifying_merges():
     scores = {"ties": 0.5, "linear": 0.2, "slerp": None}  # slerp's eval lacks the metric
     kept = select(SelectSettings(top_k=3, min_score=0.3), scores)
     assert kept["selected"] == ["ties"] and kept["missing"] == 2
-    with pytest.raises(SystemExit, match="only 1 of select.top_k=3 merges qualify"):
+    with pytest.raises(InputError, match="^only 1 of select.top_k=3 merges qualify"):
         select(SelectSettings(top_k=3, min_score=0.3, on_too_few="fail"), scores)
-    with pytest.raises(SystemExit, match="no merge qualifies"):
+    with pytest.raises(InputError, match="^no merge qualifies"):
         select(SelectSettings(top_k=1, min_score=0.9), scores)

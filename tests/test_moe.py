@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from pipeline import sft
 from pipeline.lineage import write_lineage
-from pipeline.params import MixtureSettings, MoERun, MoESettings, MoEVariant, Params, SFTSettings
+from pipeline.params import InputError, MixtureSettings, MoERun, MoESettings, MoEVariant, Params, SFTSettings
 from pipeline.routing import EXPERT_NAMES, routing_fractions
 from stages import mixture_finetune, moe
 from tests.project import params_error
@@ -141,9 +141,9 @@ def test_invalid_moe_settings_fail_before_any_work(tmp_path, text, expected):
 def test_identical_prompts_in_hidden_mode_are_refused_before_building():
     same = {"ties": moe.ExpertPrompts(positive=["What is 2 plus 3?"])}
     prompts = {"ties": same["ties"], "linear": same["ties"]}
-    with pytest.raises(SystemExit, match="same prompts"):
+    with pytest.raises(InputError, match="^every expert of the MoE .* has the same prompts"):
         moe.moe_config(MoESettings(gate_mode="hidden"), {"ties": "a", "linear": "b"}, prompts, "a")
-    with pytest.raises(SystemExit, match="has none"):
+    with pytest.raises(InputError, match="^moe.gate_mode cheap_embed .* has none"):
         moe.moe_config(MoESettings(gate_mode="cheap_embed"), {"ties": "a", "linear": "b"}, {}, "a")
 
 
@@ -160,6 +160,11 @@ def test_each_mode_sets_what_it_trains():
     defaults, settings = SFTSettings(), MixtureSettings()
     assert mixture_finetune.mode_settings(MoERun(moe="experts", mode="lora"), defaults).adapter == "lora"
     assert mixture_finetune.mode_settings(MoERun(moe="experts", mode="full"), defaults).adapter == "none"
+    # left unset, the mode follows the SFT settings' adapter: `sft.adapter: lora` is never ignored
+    lora = SFTSettings(adapter="lora")
+    assert mixture_finetune.mode_settings(MoERun(moe="experts"), lora).adapter == "lora"
+    assert mixture_finetune.mode_settings(MoERun(moe="experts"), defaults).adapter == "none"
+    assert mixture_finetune.mode_settings(MoERun(moe="experts", mode="full"), lora).adapter == "none"
     router = mixture_finetune.mode_config(MoERun(moe="experts", mode="router"), settings)
     assert router["unfrozen_parameters"] == [mixture_finetune.ROUTER_PARAMETERS]
     assert router["model_config"] == {"output_router_logits": True, "router_aux_loss_coef": 0.02}
@@ -169,8 +174,9 @@ def test_each_mode_sets_what_it_trains():
 
 def test_router_only_training_changes_only_the_gates(copies_moe, tiny_data, tmp_path):
     run = MoERun(moe="upcycled", mode="router")
-    sft_settings = mixture_finetune.mode_settings(run, SFTSettings(max_steps=8, learning_rate=5e-2, micro_batch_size=8,
-                                                  sequence_len=64, warmup_steps=1, val_set_size=0.0))  # fmt: skip
+    tiny = SFTSettings(max_steps=8, learning_rate=5e-2, micro_batch_size=8, sequence_len=64, warmup_steps=1,
+                       val_set_size=0.0, replay_rows=0)  # fmt: skip
+    sft_settings = mixture_finetune.mode_settings(run, tiny)
     settings = MixtureSettings(rows=64)
     datasets = {s: tiny_data / f"sft/{s}.jsonl" for s in ("addition", "sorting")}
     mixture_finetune.write_mixture(settings, datasets, 0, tmp_path / "mix.jsonl")

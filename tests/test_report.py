@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.params import InputError
 from pipeline.stats import wilson_interval
 from stages import report
 
@@ -185,17 +186,17 @@ def test_without_the_compared_kinds_there_are_no_pairs(tmp_path):
 
 def test_inputs_outside_the_contract_are_named(project):
     (project / "eval" / "pretrain.json").write_text("{}")  # the old layout, no kind folder
-    with pytest.raises(SystemExit, match=r"outside the kind folders .*\['pretrain'\]"):
+    with pytest.raises(InputError, match=r"outside the kind folders .*\['pretrain'\]"):
         build(project)
     (project / "eval" / "pretrain.json").unlink()
     (project / "eval_raw" / "dense" / "mix" / "items.json").unlink()
-    with pytest.raises(SystemExit, match=r"dense/mix/items.json is missing: rerun the eval stage of dense/mix"):
+    with pytest.raises(InputError, match=r"dense/mix/items.json is missing: rerun the eval stage of dense/mix"):
         build(project)
     write_model(project, "dense/mix", SCORES["dense/mix"])
     items = json.loads((project / "eval_raw" / "dense" / "mix" / "items.json").read_text())
     items["all_skills/exact_match"] = items["all_skills/exact_match"][:200]
     (project / "eval_raw" / "dense" / "mix" / "items.json").write_text(json.dumps(items))
-    with pytest.raises(SystemExit, match=r"moe_trained/full and dense/mix were scored on different skill items"):
+    with pytest.raises(InputError, match=r"^moe_trained/full and dense/mix were scored on different skill items"):
         build(project)
 
 
@@ -248,12 +249,13 @@ def chromium() -> str | None:
 
 
 def test_report_renders_in_a_real_browser(built, tmp_path):
-    """Headless Chromium (Debian's package; .ci/run installs it) loads the page: tables, images, no overflow."""
+    """Headless Chromium (Debian's package; `make test` installs it where it may) loads the page: tables,
+    images, no overflow."""
     browser = chromium()
     if browser is None:
         if os.environ.get("CI"):
-            pytest.fail("Chromium is missing on CI: .ci/run should have installed it")
-        pytest.skip("Chromium is not installed (apt-get install chromium); CI installs it")
+            pytest.fail("Chromium is missing on CI: `make test` (its browser target) should have installed it")
+        pytest.skip("Chromium is not installed (apt-get install chromium; `make test` installs it on CI)")
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
