@@ -7,18 +7,32 @@
     torchrun --nproc_per_node=2 -m stages.pretrain ...     (same arguments; DDP or FSDP)
 
 Inputs: the token files and tokenizer of the tokenize stage.
-Outputs:
+Outputs (rank 0 writes them):
 - model/: a Hugging Face model folder (safetensors, config, generation config, tokenizer, model card).
-- checkpoints/: resumable state every `checkpoint_interval` steps. A rerun with the same
-  settings continues from the newest readable one (a checkpoint cut short is skipped with a
-  warning) and ends with the same weights as an uninterrupted run (bitwise on CPU with fixed
-  threads). Checkpoints of other settings stay until this run has written its first one. Not a
-  DVC output, so DVC never deletes it (dvc.yaml).
-- live/: dvclive curves (train loss, lr, grad norm; val loss, perplexity, accuracy).
+- checkpoints/: resumable state (weights, optimizer, schedule, batch sampler, torch's RNG, the
+  logged history and samples) every `checkpoint_interval` steps and at the last one. A rerun with
+  the same settings, token data, number of processes and code (this file) continues from the
+  newest readable checkpoint (one cut short is skipped with a warning) and ends with the same
+  weights, curves and samples as an uninterrupted run (bitwise on CPU with fixed threads). Other
+  checkpoints are never resumed, and stay until this run has written its first one; from then on
+  only the newest `keep_checkpoints` of this run are kept. The folder is deliberately not a DVC
+  output (dvc.yaml): DVC never deletes it before a rerun, so a killed run continues, and never
+  tracks it, so it neither makes the stage look changed after an experiment nor keeps the stage
+  out of the run-cache (a `persist` output would do both).
+- live/: dvclive curves (train loss, lr, grad norm; val loss, perplexity, accuracy), written as
+  training goes.
 - samples: greedy and sampled generations at step 0 and at the end, as markdown.
 - metrics: final summary JSON.
 - timing (--timing, optional): tokens/s and MFU per log interval. Timings differ on every run, so
   they stay out of the outputs DVC hashes (dvc.yaml writes them to logs/, which nothing tracks).
+
+`run` is the stage in order: `set_up` (data, the model wrapped for DDP/FSDP, optimizer and
+schedule; torch's RNG seeded, then drawn for the weights and the peak-FLOPs benchmark) ->
+`resume` (the newest matching checkpoint, RNG state included) -> `open_curves` -> `fit` (the
+step-0 samples and evaluation, then `train_step` per optimizer step and `after_step` to log,
+evaluate, sample and checkpoint on schedule) -> `summarize` -> `write_outputs`. One `Trainer`
+holds the run's state. A loss or gradient norm that stops being finite ends the run with
+TrainingDiverged (printed as one `error:` line), naming the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +58,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json, write_text
-from pipeline.lineage import write_lineage
+from pipeline.lineage import json_block, model_card, write_lineage
 from pipeline.params import InputError, ModelSettings, PretrainSettings
-from pipeline.stage import configure_environment, start
+from pipeline.stage import RunFailed, configure_environment, resolve_device, start, use_bf16
 
 log = logging.getLogger("stages.pretrain")
 
@@ -56,7 +70,7 @@ IGNORE_INDEX = -100
 VOCAB_MULTIPLE = 64  # embedding rows are padded to this multiple: faster matmuls, same tokens
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """The loss or the gradient norm stopped being finite."""
 
 
@@ -513,7 +527,7 @@ def load_latest_checkpoint(directory: Path, fingerprint: str) -> tuple[dict, dic
     return None
 
 
-# Training
+# Training state
 
 
 @dataclass
@@ -525,66 +539,134 @@ class Outputs:
     timing_path: Path | None = None
 
 
-def autocast_context(settings: PretrainSettings, device: torch.device) -> Callable[[], Any]:
-    use_bf16 = settings.precision == "bf16" or (
-        settings.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if use_bf16:
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+@dataclass
+class Throughput:
+    """This process's tokens/s and MFU over each log interval: never resumed and never hashed
+    (the timing file; see the module docstring). Evaluation and checkpoint time is left out."""
+
+    flops_per_token: float
+    peak_flops: float
+    started: float = 0.0  # time.perf_counter() when the window started
+    tokens: int = 0  # tokens trained in this window
+    log: list[dict[str, float]] = field(default_factory=list)
+
+    def restart(self) -> None:
+        self.started, self.tokens = time.perf_counter(), 0
+
+    def measure(self, step: int) -> float:
+        """Append the window's tokens/s and MFU to the log and return the tokens/s."""
+        tokens_per_second = self.tokens / (time.perf_counter() - self.started)
+        mfu = tokens_per_second * self.flops_per_token / self.peak_flops
+        self.log.append({"step": step, "tokens_per_second": tokens_per_second, "mfu": mfu})
+        return tokens_per_second
 
 
-def model_card(settings: PretrainSettings, summary: dict[str, Any], n_params: int) -> str:
-    rows = "\n".join(f"| `{key}` | {value} |" for key, value in sorted(summary.items()))
-    return f"""# Pretrained {settings.model.architecture} ({n_params / 1e6:.2f}M parameters)
+@dataclass
+class Trainer:
+    """One training run: what set_up builds, resume restores and fit advances step by step.
 
-Trained from scratch by this project's `pretrain` stage (`python -m stages.pretrain`) on the
-token files of the `tokenize` stage. Load it with
-`AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.
+    `model` runs forward and backward (DDP's or torch.compile's wrapper, or the model itself);
+    `raw_model` is the transformers model under it, whose parameters the optimizer, clipping,
+    checkpoints and samples use. Everything a checkpoint restores lives here: `step` (optimizer
+    steps done), the optimizer, scheduler and sampler, `history` (every logged record, for the
+    curves) and `samples` (by step).
+    """
 
-## Final metrics
+    settings: PretrainSettings
+    tokens_dir: Path  # the model's parent in its lineage
+    outputs: Outputs
+    dist: Distributed
+    device: torch.device
+    tokenizer: Any
+    sampler: BatchSampler
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    accumulation: int  # micro-batches per optimizer step on each rank
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    n_params: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    autocast: Callable[[], Any]
+    throughput: Throughput
+    fingerprint: str  # what a checkpoint must match to be resumed
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    samples: dict[int, list[dict[str, str]]] = field(default_factory=dict)
+    live: Any = None  # the dvclive curves (rank 0 only)
 
-| metric | value |
-| --- | --- |
-{rows}
 
-## Settings (`pretrain` in params.yaml)
+@dataclass
+class StepResult:
+    """What one optimizer step measured (averaged over ranks): its loss, the router
+    load-balancing loss (nan for dense models), the gradient norm before clipping, and the
+    learning rate the step used."""
 
-```json
-{dumps_json(settings.model_dump(mode="json"))}```
-"""
-
-
-def replay_history(live: Any, history: list[dict[str, Any]]) -> None:
-    """Write logged records to dvclive, e.g. after a resume, so the curves have no gap."""
-    for record in history:
-        live.step = record["step"]
-        for name, value in record["metrics"].items():
-            live.log_metric(name, value)
+    loss: float
+    aux_loss: float
+    grad_norm: float
+    lr: float
 
 
-def run(
-    settings: PretrainSettings,
-    tokens_dir: Path,
-    tokenizer_dir: Path,
-    outputs: Outputs,
-    dist: Distributed | None = None,
-) -> dict[str, Any]:
-    """Train (or resume), write every output on rank 0, and return the summary metrics."""
-    from transformers import AutoTokenizer, GenerationConfig
+# Set-up
 
-    from pipeline.curves import curve_logger
 
-    dist = dist or init_distributed()
-    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
-    meta = json.loads((tokens_dir / "meta.json").read_text())
-    per_step = settings.micro_batch_size * settings.seq_len * dist.world_size
+def training_device(dist: Distributed) -> torch.device:
+    """This process's device: under torchrun each rank its own GPU (cuda:LOCAL_RANK), else the CPU."""
+    device = resolve_device()
+    return torch.device(f"cuda:{dist.local_rank}" if device == "cuda" else device)
+
+
+def accumulation_steps(settings: PretrainSettings, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank; bad input when batch_tokens does not divide."""
+    per_step = settings.micro_batch_size * settings.seq_len * world_size
     if settings.batch_tokens % per_step:
         raise InputError(
             f"pretrain.batch_tokens {settings.batch_tokens} is not a multiple of micro_batch_size * seq_len "
             f"* world size = {per_step}; change batch_tokens or micro_batch_size"
         )
-    accumulation = settings.batch_tokens // per_step
+    return settings.batch_tokens // per_step
+
+
+def autocast_context(bf16: bool, device: torch.device) -> Callable[[], Any]:
+    """A factory of the context each forward runs in: bf16 autocast, or nothing (fp32)."""
+    if bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def wrap_model(
+    raw_model: torch.nn.Module, settings: PretrainSettings, dist: Distributed, device: torch.device
+) -> torch.nn.Module:
+    """What runs forward under torchrun: the model sharded in place (FSDP) or wrapped in DDP."""
+    if settings.gradient_checkpointing:
+        raw_model.gradient_checkpointing_enable()
+    if dist.enabled and settings.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in raw_model.model.layers:
+            fully_shard(layer)
+        fully_shard(raw_model)
+    elif dist.enabled:
+        return torch.nn.parallel.DistributedDataParallel(
+            raw_model, device_ids=[dist.local_rank] if device.type == "cuda" else None
+        )
+    return raw_model
+
+
+def set_up(
+    settings: PretrainSettings, tokens_dir: Path, tokenizer_dir: Path, outputs: Outputs, dist: Distributed
+) -> Trainer:
+    """Data, model (wrapped for DDP/FSDP), optimizer and schedule of a fresh run at step 0.
+
+    torch's global RNG is seeded here and draws, in this order, the initial weights and the
+    peak-FLOPs benchmark's matrices; training (dropout) goes on from there, or from a checkpoint's
+    RNG state when one is resumed.
+    """
+    from transformers import AutoTokenizer
+
+    device = training_device(dist)
+    meta = json.loads((tokens_dir / "meta.json").read_text())
+    accumulation = accumulation_steps(settings, dist.world_size)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     train_tokens = np.memmap(tokens_dir / "train.bin", dtype=meta["dtype"], mode="r")
     val_tokens = np.memmap(tokens_dir / "val.bin", dtype=meta["dtype"], mode="r")
@@ -596,148 +678,220 @@ def run(
     raw_model = build_model(settings.model, tokenizer).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops = flops_per_token(settings.model, raw_model, settings.seq_len)
-    if settings.gradient_checkpointing:
-        raw_model.gradient_checkpointing_enable()
-    model: torch.nn.Module = raw_model
-    if dist.enabled and settings.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in raw_model.model.layers:
-            fully_shard(layer)
-        fully_shard(raw_model)
-    elif dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            raw_model, device_ids=[dist.local_rank] if device.type == "cuda" else None
-        )
+    model = wrap_model(raw_model, settings, dist, device)
     optimizer = build_optimizer(raw_model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings))
     if settings.compile:
         model = torch.compile(model)
-    autocast = autocast_context(settings, device)
-    peak_flops = settings.peak_flops or measure_peak_flops(
-        device, torch.bfloat16 if autocast is not contextlib.nullcontext else torch.float32
+    bf16 = use_bf16(settings.precision, device.type)
+    peak_flops = settings.peak_flops or measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    return Trainer(
+        settings=settings,
+        tokens_dir=tokens_dir,
+        outputs=outputs,
+        dist=dist,
+        device=device,
+        tokenizer=tokenizer,
+        sampler=sampler,
+        val_batches=val_batches,
+        accumulation=accumulation,
+        model=model,
+        raw_model=raw_model,
+        n_params=n_params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        autocast=autocast_context(bf16, device),
+        throughput=Throughput(flops, peak_flops),
+        fingerprint=settings_fingerprint(settings, meta, dist.world_size),
     )
 
-    fingerprint = settings_fingerprint(settings, meta, dist.world_size)
-    history: list[dict[str, Any]] = []
-    samples: dict[int, list[dict[str, str]]] = {}
-    start_step = 0
-    resumed = load_latest_checkpoint(outputs.checkpoint_dir, fingerprint)
-    if resumed:
-        weights, state = resumed
-        load_full_state(raw_model, optimizer, weights, state["optimizer"], dist)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_step, history = state["step"], state["history"]
-        samples = {int(k): v for k, v in state["samples"].items()}
 
-    live = curve_logger(outputs.live_dir) if dist.is_main else None
-    if live:
-        replay_history(live, history)
+# Resume and checkpoints
+
+
+def resume(trainer: Trainer) -> None:
+    """Continue from the newest readable checkpoint of these settings, if there is one."""
+    resumed = load_latest_checkpoint(trainer.outputs.checkpoint_dir, trainer.fingerprint)
+    if not resumed:
+        return
+    weights, state = resumed
+    load_full_state(trainer.raw_model, trainer.optimizer, weights, state["optimizer"], trainer.dist)
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["torch_rng"])
+    trainer.step, trainer.history = state["step"], state["history"]
+    trainer.samples = {int(k): v for k, v in state["samples"].items()}
+
+
+def write_checkpoint(trainer: Trainer) -> None:
+    """Checkpoint the step just done: every rank hands over its shards, rank 0 writes."""
+    weights = full_model_state(trainer.raw_model, trainer.dist)
+    optimizer_state = full_optimizer_state(trainer.raw_model, trainer.optimizer, trainer.dist)
+    if trainer.dist.is_main:
+        state = {
+            "step": trainer.step,
+            "optimizer": optimizer_state,
+            "scheduler": trainer.scheduler.state_dict(),
+            "sampler": trainer.sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "history": trainer.history,
+            "samples": trainer.samples,
+        }
+        directory, keep = trainer.outputs.checkpoint_dir, trainer.settings.keep_checkpoints
+        save_checkpoint(directory, trainer.step, trainer.fingerprint, weights, state, keep)
+    if trainer.dist.enabled:
+        torch.distributed.barrier()
+
+
+# Curves
+
+
+def replay_history(live: Any, history: list[dict[str, Any]]) -> None:
+    """Write logged records to dvclive, e.g. after a resume, so the curves have no gap."""
+    for record in history:
+        live.step = record["step"]
+        for name, value in record["metrics"].items():
+            live.log_metric(name, value)
+
+
+def open_curves(trainer: Trainer) -> None:
+    """Start the dvclive curves on rank 0 with every record logged so far (a resumed run's)."""
+    from pipeline.curves import curve_logger
+
+    if trainer.dist.is_main:
+        trainer.live = curve_logger(trainer.outputs.live_dir)
+        replay_history(trainer.live, trainer.history)
+
+
+def record(trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+    """Add a step's metrics to the history (checkpointed) and the curves."""
+    trainer.history.append({"step": step, "metrics": metrics})
+    if trainer.live:
+        replay_history(trainer.live, trainer.history[-1:])
+
+
+# The training loop
+
+
+def train_step(trainer: Trainer) -> StepResult:
+    """One optimizer step: this rank's share of the next batch in micro-batches (DDP syncs the
+    gradients on the last), clipping, the losses averaged over ranks, a check that they are
+    finite, then the optimizer and schedule steps. Raises TrainingDiverged before the update."""
+    settings, dist = trainer.settings, trainer.dist
+    inputs, targets = trainer.sampler.next_batch(settings.batch_tokens // settings.seq_len)
+    # this rank's share, as accumulation x micro-batch
+    inputs = inputs.view(dist.world_size, trainer.accumulation, settings.micro_batch_size, -1)[dist.rank]
+    targets = targets.view(dist.world_size, trainer.accumulation, settings.micro_batch_size, -1)[dist.rank]
+    loss_sum, aux_sum = 0.0, 0.0
+    for micro in range(trainer.accumulation):
+        last = micro == trainer.accumulation - 1
+        model = trainer.model
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, trainer.autocast():
+            loss, aux = forward_loss(model, inputs[micro].to(trainer.device), targets[micro].to(trainer.device))
+            (loss / trainer.accumulation).backward()
+        loss_sum += loss.item() / trainer.accumulation
+        aux_sum += aux / trainer.accumulation
+    clip = settings.grad_clip if settings.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.raw_model.parameters(), clip))
+    if dist.enabled:
+        reduced = torch.tensor([loss_sum, aux_sum], device=trainer.device)
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.AVG)
+        loss_sum, aux_sum = reduced.tolist()
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        raise diverged(trainer, loss_sum, grad_norm)
+    lr = trainer.scheduler.get_last_lr()[0]
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scheduler.step()
+    trainer.step += 1
+    return StepResult(loss_sum, aux_sum, grad_norm, lr)
+
+
+def diverged(trainer: Trainer, loss: float, grad_norm: float) -> TrainingDiverged:
+    """The error of a step whose loss or gradient norm is not finite, naming the last good checkpoint."""
+    directory = trainer.outputs.checkpoint_dir
+    kept = checkpoint_steps(directory) if directory.is_dir() else []
+    return TrainingDiverged(
+        f"pretrain diverged at step {trainer.step + 1}: loss {loss}, gradient norm {grad_norm}. "
+        + (f"The last good checkpoint (step {kept[-1]}) is kept in {directory}. " if kept else "")
+        + "Lower pretrain.learning_rate or raise pretrain.warmup_steps."
+    )
+
+
+def validation_metrics(trainer: Trainer) -> dict[str, float]:
+    """Validation loss, perplexity and accuracy. Every rank evaluates: under FSDP each one takes
+    part in the forward."""
+    result = evaluate(trainer.model, trainer.val_batches, trainer.device, trainer.autocast)
+    return {f"val/{k}": v for k, v in result.items()}
+
+
+def train_metrics(trainer: Trainer, result: StepResult, progress: tqdm) -> dict[str, float]:
+    """The curves' train metrics of a log step; the window's throughput goes to the timing log."""
+    tokens_per_second = trainer.throughput.measure(trainer.step)
+    metrics = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm}
+    if not math.isnan(result.aux_loss):
+        metrics["train/router_aux_loss"] = result.aux_loss
+    progress.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
+    return metrics
+
+
+def after_step(trainer: Trainer, result: StepResult, progress: tqdm) -> None:
+    """Log, evaluate, sample and checkpoint where the schedule says, after the step just done."""
+    settings, done = trainer.settings, trainer.step
+    last = done == settings.max_steps
+    metrics: dict[str, float] = {}
+    if done % settings.log_interval == 0 or last:
+        metrics = train_metrics(trainer, result, progress)
+    if done % settings.eval_interval == 0 or last:
+        metrics.update(validation_metrics(trainer))
+        log.info("step %d: train loss %.4f, val loss %.4f, val accuracy %.3f", done, result.loss,
+                 metrics["val/loss"], metrics["val/accuracy"])  # fmt: skip
+    if metrics:
+        record(trainer, done, metrics)
+        trainer.throughput.restart()
+    if last:
+        trainer.samples[done] = generate_samples(trainer.raw_model, trainer.tokenizer, settings, trainer.device)
+    if done % settings.checkpoint_interval == 0 or last:
+        write_checkpoint(trainer)
+        trainer.throughput.started = time.perf_counter()  # checkpoint time is not training throughput
+
+
+def fit(trainer: Trainer) -> None:
+    """Train from trainer.step to max_steps, after the step-0 samples and evaluation (a resumed
+    run has them already)."""
+    settings, dist = trainer.settings, trainer.dist
     log.info(
         "%s: %.2fM parameters, %d steps of %d tokens (%d x %d x %d accumulation x %d processes), %.0f GFLOP/s peak",
-        settings.model.architecture, n_params / 1e6, settings.max_steps, settings.batch_tokens,
-        settings.micro_batch_size, settings.seq_len, accumulation, dist.world_size, peak_flops / 1e9,
+        settings.model.architecture, trainer.n_params / 1e6, settings.max_steps, settings.batch_tokens,
+        settings.micro_batch_size, settings.seq_len, trainer.accumulation, dist.world_size,
+        trainer.throughput.peak_flops / 1e9,
     )  # fmt: skip
-    if 0 not in samples:
-        samples[0] = generate_samples(raw_model, tokenizer, settings, device)
-
-    def record(step: int, metrics: dict[str, float]) -> None:
-        history.append({"step": step, "metrics": metrics})
-        if live:
-            live.step = step
-            for name, value in metrics.items():
-                live.log_metric(name, value)
-
-    def checkpoint(step: int) -> None:
-        weights = full_model_state(raw_model, dist)
-        optimizer_state = full_optimizer_state(raw_model, optimizer, dist)
-        if dist.is_main:
-            state = {
-                "step": step,
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-                "samples": samples,
-            }
-            save_checkpoint(outputs.checkpoint_dir, step, fingerprint, weights, state, settings.keep_checkpoints)
-        if dist.enabled:
-            torch.distributed.barrier()
-
-    if start_step == 0:  # every rank evaluates: under FSDP each one takes part in the forward
-        record(0, {f"val/{k}": v for k, v in evaluate(model, val_batches, device, autocast).items()})
-
-    timing: list[dict[str, float]] = []  # this process's throughput, never resumed: see the docstring
-    model.train()
-    window_started, window_tokens = time.perf_counter(), 0
+    if 0 not in trainer.samples:
+        trainer.samples[0] = generate_samples(trainer.raw_model, trainer.tokenizer, settings, trainer.device)
+    if trainer.step == 0:
+        record(trainer, 0, validation_metrics(trainer))
+    trainer.model.train()
     progress = tqdm(
-        total=settings.max_steps, initial=start_step, desc="pretrain", unit="step", disable=not dist.is_main
+        total=settings.max_steps, initial=trainer.step, desc="pretrain", unit="step", disable=not dist.is_main
     )
-    for step in range(start_step, settings.max_steps):
-        inputs, targets = sampler.next_batch(settings.batch_tokens // settings.seq_len)
-        # this rank's share, as accumulation x micro-batch
-        inputs = inputs.view(dist.world_size, accumulation, settings.micro_batch_size, -1)[dist.rank]
-        targets = targets.view(dist.world_size, accumulation, settings.micro_batch_size, -1)[dist.rank]
-        loss_sum, aux_sum = 0.0, 0.0
-        for micro in range(accumulation):
-            last = micro == accumulation - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync, autocast():
-                loss, aux = forward_loss(model, inputs[micro].to(device), targets[micro].to(device))
-                (loss / accumulation).backward()
-            loss_sum += loss.item() / accumulation
-            aux_sum += aux / accumulation
-        clip = settings.grad_clip if settings.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip))
-        if dist.enabled:
-            reduced = torch.tensor([loss_sum, aux_sum], device=device)
-            torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.AVG)
-            loss_sum, aux_sum = reduced.tolist()
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            kept = checkpoint_steps(outputs.checkpoint_dir) if outputs.checkpoint_dir.is_dir() else []
-            raise TrainingDiverged(
-                f"pretrain diverged at step {step + 1}: loss {loss_sum}, gradient norm {grad_norm}. "
-                + (f"The last good checkpoint (step {kept[-1]}) is kept in {outputs.checkpoint_dir}. " if kept else "")
-                + "Lower pretrain.learning_rate or raise pretrain.warmup_steps."
-            )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        window_tokens += settings.batch_tokens
+    trainer.throughput.restart()
+    while trainer.step < settings.max_steps:
+        result = train_step(trainer)
+        trainer.throughput.tokens += settings.batch_tokens
         progress.update()
-        done = step + 1
-
-        metrics: dict[str, float] = {}
-        if done % settings.log_interval == 0 or done == settings.max_steps:
-            seconds = time.perf_counter() - window_started
-            tokens_per_second = window_tokens / seconds
-            metrics = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm}
-            mfu = tokens_per_second * flops / peak_flops
-            timing.append({"step": done, "tokens_per_second": tokens_per_second, "mfu": mfu})
-            if not math.isnan(aux_sum):
-                metrics["train/router_aux_loss"] = aux_sum
-            progress.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_second:.0f}")
-        if done % settings.eval_interval == 0 or done == settings.max_steps:
-            result = evaluate(model, val_batches, device, autocast)
-            metrics.update({f"val/{k}": v for k, v in result.items()})
-            log.info("step %d: train loss %.4f, val loss %.4f, val accuracy %.3f", done, loss_sum,
-                     result["loss"], result["accuracy"])  # fmt: skip
-        if metrics:
-            record(done, metrics)
-            window_started, window_tokens = time.perf_counter(), 0
-        if done == settings.max_steps:
-            samples[done] = generate_samples(raw_model, tokenizer, settings, device)
-        if done % settings.checkpoint_interval == 0 or done == settings.max_steps:
-            checkpoint(done)
-            window_started = time.perf_counter()  # checkpoint time is not training throughput
+        after_step(trainer, result, progress)
     progress.close()
 
+
+# Outputs
+
+
+def summarize(trainer: Trainer) -> dict[str, Any]:
+    """The final metrics (metrics/pretrain.json and the model card)."""
+    settings, history = trainer.settings, trainer.history
     final = history[-1]["metrics"]
-    summary = {
+    return {
         "train/loss": round(final["train/loss"], 4),
         "val/loss": round(final["val/loss"], 4),
         "val/perplexity": round(final["val/perplexity"], 3),
@@ -745,28 +899,71 @@ def run(
         "val/loss_at_start": round(history[0]["metrics"]["val/loss"], 4),
         "steps": settings.max_steps,
         "tokens": settings.max_steps * settings.batch_tokens,
-        "parameters": n_params,
+        "parameters": trainer.n_params,
     }
-    weights = full_model_state(raw_model, dist)
-    if dist.is_main:
-        with atomic_dir(outputs.model_dir) as tmp:
-            export = build_model(settings.model, tokenizer)
-            load_weights(export, weights)
-            export.generation_config = GenerationConfig(
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            export.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "README.md").write_text(model_card(settings, summary, n_params))
-            write_lineage(tmp, "base", "pretrain", "pretrain", [str(tokens_dir)], settings.model_dump(mode="json"))
-        write_text(outputs.samples_path, samples_markdown(samples))
-        if outputs.timing_path:
-            threads = torch.get_num_threads()
-            write_json(outputs.timing_path, {"peak_flops": peak_flops, "threads": threads, "log": timing})
-    if dist.enabled:
+
+
+def pretrain_model_card(settings: PretrainSettings, summary: dict[str, Any], n_params: int) -> str:
+    rows = "\n".join(f"| `{key}` | {value} |" for key, value in sorted(summary.items()))
+    return model_card(
+        f"Pretrained {settings.model.architecture} ({n_params / 1e6:.2f}M parameters)",
+        "Trained from scratch by this project's `pretrain` stage (`python -m stages.pretrain`) on the\n"
+        "token files of the `tokenize` stage. Load it with\n"
+        "`AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.",
+        {
+            "Final metrics": f"| metric | value |\n| --- | --- |\n{rows}\n",
+            "Settings (`pretrain` in params.yaml)": json_block(settings.model_dump(mode="json")),
+        },
+    )
+
+
+def export_model(trainer: Trainer, weights: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
+    """Write the Hugging Face model folder: weights, config, generation config, tokenizer, card, lineage."""
+    from transformers import GenerationConfig
+
+    settings, tokenizer = trainer.settings, trainer.tokenizer
+    with atomic_dir(trainer.outputs.model_dir) as tmp:
+        export = build_model(settings.model, tokenizer)
+        load_weights(export, weights)
+        export.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        export.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(pretrain_model_card(settings, summary, trainer.n_params))
+        parents, lineage_settings = [str(trainer.tokens_dir)], settings.model_dump(mode="json")
+        write_lineage(tmp, "base", "pretrain", "pretrain", parents, lineage_settings)
+
+
+def write_outputs(trainer: Trainer, summary: dict[str, Any]) -> None:
+    """The model folder, samples and timing, written by rank 0 once every rank gave its weights."""
+    weights = full_model_state(trainer.raw_model, trainer.dist)
+    if trainer.dist.is_main:
+        export_model(trainer, weights, summary)
+        write_text(trainer.outputs.samples_path, samples_markdown(trainer.samples))
+        if trainer.outputs.timing_path:
+            timing = {"peak_flops": trainer.throughput.peak_flops, "threads": torch.get_num_threads()}
+            write_json(trainer.outputs.timing_path, timing | {"log": trainer.throughput.log})
+    if trainer.dist.enabled:
         torch.distributed.barrier()
+
+
+def run(
+    settings: PretrainSettings,
+    tokens_dir: Path,
+    tokenizer_dir: Path,
+    outputs: Outputs,
+    dist: Distributed | None = None,
+) -> dict[str, Any]:
+    """Train (or resume), write every output on rank 0, and return the summary metrics."""
+    trainer = set_up(settings, tokens_dir, tokenizer_dir, outputs, dist or init_distributed())
+    resume(trainer)
+    open_curves(trainer)
+    fit(trainer)
+    summary = summarize(trainer)
+    write_outputs(trainer, summary)
     return summary
 
 
@@ -785,10 +982,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_environment()
     dist = init_distributed()
     outputs = Outputs(args.model, args.checkpoints, args.live, args.samples, args.timing)
-    try:
-        summary = run(params.pretrain, args.tokens, args.tokenizer, outputs, dist)
-    except TrainingDiverged as error:
-        raise SystemExit(f"error: {error}") from None
+    summary = run(params.pretrain, args.tokens, args.tokenizer, outputs, dist)  # TrainingDiverged: one error line
     if dist.is_main:
         write_json(args.metrics, summary)
     if dist.enabled:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.params import PROJECT_ROOT, PretrainSettings
+from pipeline.stage import RunFailed
 from stages import pretrain
 from tests.conftest import TINY_MODEL, outputs_in
 from tests.conftest import TINY_PRETRAIN as TINY
@@ -223,6 +224,35 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_to
     weights = load_file(tmp_path / "checkpoints" / "step-000006" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (tmp_path / "model").exists()
+    assert issubclass(pretrain.TrainingDiverged, RunFailed)  # the stage prints it as one `error:` line
+
+
+def test_trainer_steps_checkpoints_and_resumes_one_step_at_a_time(tiny_tokenized, tmp_path):
+    """The pieces of `run` on their own: a resumed Trainer takes the very step the first one takes."""
+    settings = TINY.model_copy(update={"max_steps": 10})
+
+    def trainer():
+        return pretrain.set_up(
+            settings, tiny_tokenized[1], tiny_tokenized[0], outputs_in(tmp_path), pretrain.Distributed()
+        )
+
+    first = trainer()
+    results = [pretrain.train_step(first) for _ in range(3)]
+    assert first.step == 3 and all(math.isfinite(r.loss) and r.grad_norm > 0 for r in results)
+    assert [r.lr for r in results] == pytest.approx(
+        [settings.learning_rate * pretrain.lr_factor(settings)(s) for s in range(3)]
+    )
+    pretrain.record(first, 3, {"train/loss": results[-1].loss})
+    pretrain.write_checkpoint(first)
+
+    second = trainer()
+    pretrain.resume(second)
+    assert second.step == 3 and second.history == first.history
+    resumed, straight = pretrain.train_step(second), pretrain.train_step(first)
+    assert (resumed.loss, resumed.grad_norm, resumed.lr) == (straight.loss, straight.grad_norm, straight.lr)
+    assert math.isnan(resumed.aux_loss) and math.isnan(straight.aux_loss)  # a dense model: no router
+    for a, b in zip(first.raw_model.parameters(), second.raw_model.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
