@@ -168,10 +168,10 @@ class BatchSampler:
         self.tokens, self.seq_len, self.mode = tokens, seq_len, mode
         self.bos, self.eos, self.pad = special_ids["bos"], special_ids["eos"], special_ids["pad"]
         if len(tokens) <= seq_len + 1:
-            raise ValueError(f"the training split has {len(tokens)} tokens: too few for seq_len {seq_len}")
+            raise InputError(f"the training split has {len(tokens)} tokens: too few for pretrain.seq_len {seq_len}")
         self.starts = np.flatnonzero(tokens == self.bos) if mode == "documents" else None
         if mode == "documents" and not len(self.starts):
-            raise ValueError("sampling 'documents' needs BOS tokens in the token file; none found")
+            raise InputError("pretrain.sampling 'documents' needs BOS tokens in the token file; none found")
         self.generator = torch.Generator().manual_seed(seed)
 
     def sequence(self, start: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +212,9 @@ def validation_batches(
     """Consecutive non-overlapping windows from the start of the val split: the same every eval."""
     n_windows = min((len(tokens) - 1) // seq_len, micro_batch_size * max_batches)
     if n_windows < 1:
-        raise ValueError(f"the val split has {len(tokens)} tokens: too few for one window of seq_len {seq_len}")
+        raise InputError(
+            f"the val split has {len(tokens)} tokens: too few for one window of pretrain.seq_len {seq_len}"
+        )
     batches = []
     for first in range(0, n_windows, micro_batch_size):
         rows = range(first, min(first + micro_batch_size, n_windows))

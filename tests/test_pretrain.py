@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.params import PROJECT_ROOT, PretrainSettings
+from pipeline.params import PROJECT_ROOT, InputError, PretrainSettings
 from pipeline.stage import RunFailed
 from stages import pretrain
 from tests.conftest import TINY_MODEL, outputs_in
@@ -325,3 +325,13 @@ def test_compiled_model_trains_like_eager(tiny_tokenized, tmp_path):
     pretrain.run(settings, tiny_tokenized[1], tiny_tokenized[0], outputs_in(tmp_path / "e"))
     assert history_of(tmp_path / "c") == pytest.approx(history_of(tmp_path / "e"), rel=1e-3)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "c" / "model").config.architectures == ["LlamaForCausalLM"]
+
+
+def test_too_little_data_for_the_sequence_length_is_bad_input():
+    tokens, special = np.arange(10, dtype=np.uint16), {"bos": 0, "eos": 1, "pad": 2}
+    with pytest.raises(InputError, match="10 tokens: too few for pretrain.seq_len 64"):
+        pretrain.BatchSampler(tokens, 64, "windows", special, seed=0)
+    with pytest.raises(InputError, match="pretrain.sampling 'documents' needs BOS tokens"):
+        pretrain.BatchSampler(tokens + 3, 4, "documents", special, seed=0)
+    with pytest.raises(InputError, match="10 tokens: too few for one window of pretrain.seq_len 64"):
+        pretrain.validation_batches(tokens, 64, micro_batch_size=4, max_batches=2)
