@@ -1,7 +1,7 @@
 """The whole default experiment from a fresh clone: `dvc repro` timed stage by stage, and checked.
 
     python -m bench.bench_pipeline      (or `make bench`)
-    python -m bench.bench_pipeline --set finetune.defaults.seed=1 --keep /tmp/seed1   (another seed, kept)
+    python -m bench.bench_pipeline --set sft.seed=1 --keep /tmp/seed1   (another seed for every SFT run, kept)
     python -m bench.bench_pipeline --noop .    (only the no-op `dvc repro` of an up-to-date project)
 
 Clones the committed project into a temporary folder, runs `dvc repro` there exactly as
