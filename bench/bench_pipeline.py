@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline.dvc_lock import lock_outputs
 from pipeline.params import PROJECT_ROOT
 
 TARGET_SECONDS = 600
@@ -67,14 +68,6 @@ def timed_repro(project: Path) -> tuple[dict[str, float], float]:
     total = time.perf_counter() - started
     ends = [mark for _, mark in marks[1:]] + [started + total]
     return {stage: end - start for (stage, start), end in zip(marks, ends, strict=True)}, total
-
-
-def lock_outputs(lock_text: str) -> dict[str, str]:
-    """Every output a dvc.lock records: path -> md5."""
-    from ruamel.yaml import YAML
-
-    lock = YAML(typ="safe").load(lock_text)
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
 def compare_with_committed(project: Path) -> None:

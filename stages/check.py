@@ -28,9 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
-
 from pipeline.atomic import write_text
+from pipeline.dvc_lock import lock_stages
 from pipeline.params import PROJECT_ROOT, InputError, Params, check, existing_input_files, load_params, load_stages
 from pipeline.stage import report_input_errors, setup_logging
 
@@ -65,11 +64,11 @@ def stale_outputs(current: list[Any], root: Path) -> list[Path]:
     holds or lies in (an old stage's `models/moe` holds today's `models/moe/<variant>`).
     """
     lock_path = root / "dvc.lock"
-    lock = YAML(typ="safe").load(lock_path.read_text()) if lock_path.is_file() else None
+    recorded = lock_stages(lock_path.read_text()) if lock_path.is_file() else {}
     names = {stage.name for stage in current}
     produced = {Path(out.fs_path) for stage in current for out in stage.outs}
     stale = []
-    for name, entry in ((lock or {}).get("stages") or {}).items():
+    for name, entry in recorded.items():
         if name in names:
             continue
         for out in entry.get("outs") or []:

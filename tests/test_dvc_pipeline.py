@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
 
+from pipeline import dvc_lock
 from tests.project import BIN, commit_all, copy_project, dvc, set_params, sh, stages_run
 
 pytestmark = pytest.mark.slow  # the whole pipeline, several times over: minutes
@@ -329,9 +329,8 @@ def test_removing_a_recipe_removes_its_outputs_from_what_later_stages_read(proje
 
 
 def lock_outputs(project: Path) -> dict[str, str]:
-    """Every output in the project's dvc.lock: path -> md5 (a folder's is the hash of its listing)."""
-    lock = YAML(typ="safe").load((project / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+    """Every output in the project's dvc.lock: path -> md5."""
+    return dvc_lock.lock_outputs((project / "dvc.lock").read_text())
 
 
 def machine_kind() -> str:
