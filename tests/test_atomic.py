@@ -88,8 +88,14 @@ def run_stage(project: Path, *prefix: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     return subprocess.Popen(
         [*prefix, sys.executable, "-c", STAGE], cwd=project, env=env, stdout=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=default_sigint,
     )  # fmt: skip
+
+
+def default_sigint() -> None:
+    """Ctrl-C as a terminal delivers it: a test run started in the background (`make test &`) hands
+    its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
