@@ -44,7 +44,52 @@ def configure_environment(*, hub_access: bool = False) -> None:
 # The x86 code paths that every CPU of the project's machine kinds can run (Intel Xeon with
 # AVX-512, AMD EPYC): torch's own kernels, MKL's (its reproducible CNR mode) and oneDNN's.
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# torch's OpenMP and MKL pools, and the Rust pool of the tokenizers (tokenize, SFT data preparation).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")
+# OpenMP threads that wait for work sleep at once instead of spinning (libgomp's default: ~300,000
+# spins after every parallel operation). Where the cores are shared (`dvc queue start -j 2`, or any
+# other work) the spinning threads hold the cores the working ones need: bench/bench_parallel.py
+# (2-core Xeon, busy with other work) timed a tiny Llama's SFT-sized step at 3.3 s alone and 15 s
+# beside a twin with the default wait, 0.27 s and 0.57 s passive. Waiting decides no arithmetic
+# (same losses to the bit). libgomp reads it once, when torch loads: stages/__init__.py sets it first.
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def configure_openmp_wait() -> None:
+    """Set OPENMP_WAIT for this process and the ones it starts; a value in the environment wins."""
+    for name, value in OPENMP_WAIT.items():
+        os.environ.setdefault(name, value)
+
+
+def thread_count(setting: int | None) -> int:
+    """`compute.threads`; null: OMP_NUM_THREADS when the environment has one (the user's, or the 1 that
+    torchrun gives each process unless told otherwise), else every core this process may use, shared
+    among the processes torchrun started on this machine."""
+    if setting is not None:
+        return setting
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise InputError(
+                f"OMP_NUM_THREADS={value!r} in the environment (compute.threads: null takes it): "
+                "give a whole number >= 1, or unset it to use every core"
+            )
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def configure_threads(setting: int | None) -> int:
+    """Size torch's, OpenMP's, MKL's and the tokenizers' threads for this process and the ones it
+    starts (axolotl); return the count. A stage that does not declare `compute` (its bytes do not
+    depend on threads) passes None: it takes OMP_NUM_THREADS or every core."""
+    threads = thread_count(setting)
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
+    if "torch" in sys.modules:  # imported at the top of the stage module: its pools exist already
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
 
 
 def configure_compute(settings: ComputeSettings) -> None:
@@ -58,14 +103,11 @@ def configure_compute(settings: ComputeSettings) -> None:
         os.environ.pop(name, None)
     if settings.portable_kernels:
         os.environ.update(PORTABLE_KERNELS)
-    threads = settings.threads
-    if threads is None:  # every core, shared among the processes torchrun started on this machine
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
-    if "torch" in sys.modules:  # imported at the top of the stage module: set it, then check the kernels
+    configure_openmp_wait()  # in time for torch when it is imported later (stages/__init__.py did it otherwise)
+    threads = configure_threads(settings.threads)
+    if "torch" in sys.modules:  # imported at the top of the stage module: check it has not chosen its kernels
         import torch
 
-        torch.set_num_threads(threads)
         capability = torch.backends.cpu.get_cpu_capability()
         if settings.portable_kernels and capability not in ("AVX2", "DEFAULT", "NO AVX"):
             raise RuntimeError(f"torch already chose its {capability} kernels: configure_compute came too late")
@@ -163,7 +205,8 @@ def start(stage: str) -> Any:
     """Set up logging and return the settings `stage` declares; exit with the message on bad params.
 
     The stage stops cleanly on SIGTERM/SIGHUP and when DVC dies, and prints bad input as one line.
-    A stage that declares `compute` gets its kernels and threads fixed here (configure_compute).
+    A stage that declares `compute` gets its kernels and threads fixed here (configure_compute);
+    any other takes its threads from the environment (configure_threads).
     """
     skip_final_garbage_collection()
     setup_logging()
@@ -174,4 +217,6 @@ def start(stage: str) -> Any:
     log.info("stage %s: settings validated", stage)
     if params.declares("compute"):
         configure_compute(params.compute)
+    else:
+        configure_threads(None)
     return params
