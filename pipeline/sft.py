@@ -8,10 +8,16 @@ than `max_dropped_share` of the rows are too long for `sequence_len` (axolotl dr
 without a word), and copies only the model files from axolotl's work folder into the output, so
 that an identical rerun gives identical output hashes (axolotl's own output folder also holds
 timestamped logs). With `replay_rows`, passages of pretraining text join the SFT rows.
+
+With `processes` > 1 (or several machines: torchrun's PET_NNODES in the environment) training runs
+under torchrun, one process per GPU (gloo on CPU), with DDP, FSDP2 or DeepSpeed ZeRO as
+`distributed` says; the data checks and the merge still run once, in this process. On several
+machines the stage runs on each (PET_NODE_RANK 0, 1, ...); only the first writes the model.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -38,6 +44,7 @@ from pipeline.stage import DVCLIVE_DIR_VARIABLE, RunFailed, die_with_parent
 
 log = logging.getLogger("pipeline.sft")
 
+LORA_ADAPTERS = ("lora", "qlora")  # trained as an adapter and merged into the model at the end
 DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "special_tokens_map.json")  # fmt: skip
@@ -49,7 +56,13 @@ def use_bf16(settings: SFTSettings) -> bool:
 
 
 def axolotl_config(
-    settings: SFTSettings, base_model: str, dataset: str, work_dir: Path, bf16: bool, replay: str | None = None
+    settings: SFTSettings,
+    base_model: str,
+    dataset: str,
+    work_dir: Path,
+    bf16: bool,
+    replay: str | None = None,
+    deepspeed_config: Path | None = None,
 ) -> dict[str, Any]:
     """The axolotl configuration for one expert (keys as in axolotl's config reference)."""
     datasets = [
@@ -72,6 +85,7 @@ def axolotl_config(
         # loss on the assistant's answer (and its end-of-turn token) only; the prompt is masked
         "roles_to_train": ["assistant"],
         "train_on_eos": "turn",
+        "eot_tokens": settings.eot_tokens,  # None: axolotl takes the tokenizer's eos
         "sequence_len": settings.sequence_len,
         "sample_packing": settings.sample_packing,
         "pad_to_multiple_of": settings.pad_to_multiple_of,
@@ -98,9 +112,10 @@ def axolotl_config(
         "plugins": ["pipeline.axolotl_dvclive.DVCLivePlugin"],
     }
     config["attn_implementation"] = "flash_attention_2" if settings.flash_attention else "sdpa"
-    if settings.adapter == "lora":
+    if settings.adapter in LORA_ADAPTERS:
         config.update(
-            adapter="lora",
+            adapter=settings.adapter,
+            load_in_4bit=settings.adapter == "qlora" or None,  # bitsandbytes' 4-bit base weights
             lora_r=settings.lora_r,
             lora_alpha=settings.lora_alpha,
             lora_dropout=settings.lora_dropout,
@@ -110,7 +125,106 @@ def axolotl_config(
             lora_qkv_kernel=bf16,
             lora_o_kernel=bf16,
         )
+    config.update(strategy_config(settings, base_model, deepspeed_config))
     return {key: value for key, value in config.items() if value is not None}
+
+
+def strategy_config(settings: SFTSettings, base_model: str, deepspeed_config: Path | None) -> dict[str, Any]:
+    """axolotl keys for `distributed` (DDP needs none: torchrun's processes make it)."""
+    if settings.distributed == "fsdp":
+        return {
+            "fsdp_version": 2,
+            "fsdp_config": {
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "transformer_layer_cls_to_wrap": decoder_layer_class(base_model),
+                "state_dict_type": "FULL_STATE_DICT",  # the saved model is one plain safetensors file
+                "reshard_after_forward": True,
+            },
+        }
+    if settings.distributed.startswith("deepspeed"):
+        if deepspeed_config is None:
+            raise ValueError(f"distributed is {settings.distributed} but no deepspeed_config path was given")
+        return {"deepspeed": str(deepspeed_config)}
+    return {}
+
+
+def decoder_layer_class(base_model: str) -> str:
+    """The block FSDP shards as one unit: the model class's own `_no_split_modules` (LlamaDecoderLayer, ...)."""
+    import transformers
+
+    config = json.loads((Path(base_model) / "config.json").read_text())
+    architecture = config.get("architectures", [None])[0]
+    model_class = getattr(transformers, str(architecture), None)
+    if not getattr(model_class, "_no_split_modules", None):
+        raise InputError(
+            f"sft.distributed: fsdp needs the decoder layer class of {base_model}, but transformers has no "
+            f"model class {architecture} that names it; use ddp or deepspeed_zero2/3"
+        )
+    return ",".join(model_class._no_split_modules)
+
+
+def deepspeed_zero(stage: int) -> dict[str, Any]:
+    """A ZeRO config in axolotl's own style: "auto" values are filled in from the axolotl config."""
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if stage == 3:
+        # gather the shards into a whole model when it is saved
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, reduce_bucket_size="auto",
+                    stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")  # fmt: skip
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "wall_clock_breakdown": False,
+    }
+
+
+def torchrun_launch(settings: SFTSettings) -> bool:
+    """Whether axolotl trains under torchrun: several processes here, a sharded strategy, or several
+    machines (torchrun's own PET_NNODES in the environment)."""
+    return settings.processes > 1 or settings.distributed != "ddp" or "PET_NNODES" in os.environ
+
+
+def launcher(settings: SFTSettings) -> list[str]:
+    """The command that starts `-m <axolotl module>`: python, or torchrun with one process per GPU."""
+    if not torchrun_launch(settings):
+        return [sys.executable]
+    # alone: a rendezvous on a free local port; on several machines torchrun reads PET_NNODES,
+    # PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT from the environment (README)
+    rendezvous = [] if "PET_NNODES" in os.environ else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={settings.processes}"]
+
+
+def process_environment(settings: SFTSettings, device: str) -> dict[str, str]:
+    """Variables for axolotl's processes: threads shared out among them; gloo on CPU."""
+    if not torchrun_launch(settings):
+        return {}
+    # compute.threads (configure_compute put it in OMP_NUM_THREADS) is this machine's share:
+    # each process takes its part, or every process would spin on every core
+    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    each = str(max(1, threads // settings.processes))
+    environment = {"OMP_NUM_THREADS": each, "MKL_NUM_THREADS": each}
+    if device == "cpu":
+        # accelerate picks gloo (and the CPU) only when told; otherwise each process trains alone
+        environment["ACCELERATE_USE_CPU"] = "true"
+    return environment
+
+
+def check_machine(settings: SFTSettings, device: str) -> None:
+    """Settings this machine cannot run, refused before axolotl starts (`make check` validates a GPU
+    profile on any machine, so this is not part of the schema)."""
+    if settings.adapter == "qlora" and device == "cpu":
+        raise InputError(
+            "sft.adapter is qlora, which needs a CUDA GPU (bitsandbytes 4-bit); this machine has none: use lora on CPU"
+        )
+    if settings.distributed.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise InputError(
+            f"sft.distributed is {settings.distributed}, but deepspeed is not installed: `pip install deepspeed` "
+            "(GPU machines), or use ddp or fsdp"
+        )
 
 
 def dataset_format(dataset: str | Path) -> str:
@@ -270,10 +384,18 @@ def prepared_rows(work_dir: Path) -> int:
     return len(load_from_disk(str(prepared)))
 
 
-def start_axolotl(module: str, config_path: Path, live_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, DVCLIVE_DIR_VARIABLE: str(live_dir.resolve()),
+def start_axolotl(
+    module: str,
+    config_path: Path,
+    live_dir: Path,
+    *extra: str,
+    launch: tuple[list[str], dict[str, str]] = ([sys.executable], {}),
+) -> subprocess.Popen:
+    """launch: the command before `-m module` and the variables it adds (see `launcher`)."""
+    prefix, variables = launch
+    env = {**os.environ, DVCLIVE_DIR_VARIABLE: str(live_dir.resolve()), **variables,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    command = [sys.executable, "-m", module, str(config_path), *extra]
+    command = [*prefix, "-m", module, str(config_path), *extra]
     log.info("running %s", " ".join(command))
     # axolotl dies with the stage: no orphan trains on after a stop
     return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, preexec_fn=die_with_parent)
@@ -319,6 +441,7 @@ def run(
     settings.replay_rows, that many passages of replay_text join the SFT rows.
     """
     check_sft_dataset(dataset)  # before axolotl starts: a bad file costs seconds, not its start-up
+    check_machine(settings, stage.resolve_device())
     if target.work_dir.exists():
         shutil.rmtree(target.work_dir)
     target.work_dir.mkdir(parents=True)
@@ -343,10 +466,19 @@ def train(
             raise ValueError(f"{where}: replay_rows is {settings.replay_rows} but no replay_text was given")
         replay = work_dir / "replay.jsonl"
         write_replay(replay_text, base_model, settings, replay)
+    deepspeed_config = None
+    if settings.distributed.startswith("deepspeed"):
+        deepspeed_config = work_dir / f"{settings.distributed}.json"
+        deepspeed_config.write_text(json.dumps(deepspeed_zero(int(settings.distributed[-1])), indent=2) + "\n")
     config = {
-        **axolotl_config(settings, base_model, str(dataset), work_dir, use_bf16(settings), replay and str(replay)),
+        **axolotl_config(
+            settings, base_model, str(dataset), work_dir, use_bf16(settings), replay and str(replay), deepspeed_config
+        ),
         **(extra_config or {}),
     }
+    device = stage.resolve_device()
+    if torchrun_launch(settings) and device == "cpu":
+        config["plugins"] = [*config["plugins"], "pipeline.axolotl_cpu_processes.CPUProcessesPlugin"]
     config_path = work_dir / "axolotl.yaml"
     with open(config_path, "w") as handle:
         YAML().dump(config, handle)
@@ -354,7 +486,8 @@ def train(
     work_live = work_dir / "live"
     # axolotl spends its first ~10 s importing, on one core: the data check runs meanwhile on
     # the other. A failed check stops axolotl before it has trained.
-    training = start_axolotl("axolotl.cli.train", config_path, work_live)
+    launch = launcher(settings), process_environment(settings, device)
+    training = start_axolotl("axolotl.cli.train", config_path, work_live, launch=launch)
     try:
         from transformers import AutoTokenizer
 
@@ -367,10 +500,16 @@ def train(
         raise
     log.info("%d rows, %d longer than %d tokens", rows, too_long, settings.sequence_len)
     wait_for_axolotl(training)
+    if os.environ.get("PET_NODE_RANK", "0") != "0":
+        # another machine of a several-machine run (static rendezvous: global rank 0, which saves
+        # the model, is on machine 0): its processes trained their share; the first writes the outputs
+        log.info("machine %s of a torchrun run: training done, the first machine writes the model",
+                 os.environ["PET_NODE_RANK"])  # fmt: skip
+        return {}
     kept = prepared_rows(work_dir) - settings.replay_rows
     check_dropped(settings, dataset, where, rows, rows - kept, "were")  # what axolotl really did
     trained = work_dir / "output"
-    if settings.adapter == "lora":
+    if settings.adapter in LORA_ADAPTERS:  # one process merges
         wait_for_axolotl(start_axolotl("axolotl.cli.merge_lora", config_path, work_live, f"--lora-model-dir={trained}"))
         trained = trained / "merged"
 
@@ -385,6 +524,8 @@ def train(
         if "model_config" in config:
             restore_model_config(tmp / "config.json", Path(base_model) / "config.json", config["model_config"])
         shutil.copy2(config_path, tmp / "axolotl.yaml")
+        if deepspeed_config:  # the file axolotl.yaml names, beside it
+            shutil.copy2(deepspeed_config, tmp / deepspeed_config.name)
         summary = {**summarize(work_live), "data/rows": rows, "data/rows_trained_on": kept,
                    "data/replay_rows": settings.replay_rows}  # fmt: skip
         (tmp / "README.md").write_text(model_card(target, base_model, str(dataset), settings, summary))

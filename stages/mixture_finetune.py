@@ -15,7 +15,7 @@ finetune.base_model (the step-matched dense baseline); `moe` runs from a moe.var
 their mode: full (every weight), router (only the routers' gate weights, through axolotl's
 `unfrozen_parameters`) or lora (LoRA on the attention projections, merged at the end), with the
 router load-balancing loss when mixture.router_aux_loss_coef > 0. A run without a mode follows
-the `adapter` setting (lora: lora, none: full).
+the `adapter` setting (lora or qlora: lora, none: full); the lora mode keeps qlora's 4-bit model.
 """
 
 from __future__ import annotations
@@ -66,14 +66,17 @@ def write_mixture(settings: MixtureSettings, datasets: dict[str, Path], seed: in
 
 
 def run_mode(run: MoERun, settings: SFTSettings) -> str:
-    """The run's mode; left unset, it follows the SFT settings' adapter (lora: lora, none: full)."""
-    return run.mode or ("lora" if settings.adapter == "lora" else "full")
+    """The run's mode; left unset, it follows the SFT settings' adapter (lora or qlora: lora, none: full)."""
+    return run.mode or ("lora" if settings.adapter in sft.LORA_ADAPTERS else "full")
 
 
 def mode_settings(run: MoERun, defaults: SFTSettings) -> SFTSettings:
-    """The run's SFT settings: `defaults` with its overrides, the adapter set by its mode."""
+    """The run's SFT settings: `defaults` with its overrides, the adapter set by its mode. The lora
+    mode keeps `adapter: qlora` (LoRA on the 4-bit model); full and router train unquantized weights."""
     settings = run.resolve(defaults)
-    return settings.model_copy(update={"adapter": "lora" if run_mode(run, settings) == "lora" else "none"})
+    if run_mode(run, settings) != "lora":
+        return settings.model_copy(update={"adapter": "none"})
+    return settings if settings.adapter in sft.LORA_ADAPTERS else settings.model_copy(update={"adapter": "lora"})
 
 
 def mode_config(run: MoERun, settings: MixtureSettings) -> dict[str, Any]:
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
                           extra_config=extra_config)  # fmt: skip
     finally:  # whichever way the run ends, like axolotl's work folder
         mixture.unlink()
+    if not summary:  # another machine of a several-machine run: the first one writes the outputs
+        return
     summary.update({f"mixture/{name}": count for name, count in counts.items()})
     write_json(args.metrics, summary)
     if args.kind == "moe":
