@@ -25,6 +25,9 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +93,49 @@ def remove_stale_outputs(stages: list[Any], root: Path) -> list[Path]:
     return stale
 
 
+# What a profile's check must not share with the project: its settings, DVC's state and git.
+NOT_MIRRORED = ("params.yaml", ".dvc", ".git")
+
+
+@contextmanager
+def profile_project(name: str, root: Path) -> Iterator[Path]:
+    """A folder that is the project (every top-level entry a link to it) with the settings of
+    profile `name` as its params.yaml: DVC resolves dvc.yaml against them there, while every file
+    a check looks at is the project's own. params.yaml itself is left alone."""
+    from pipeline.profiles import profile_text
+
+    text = profile_text(name, root)  # validates the settings, naming the profile
+    with tempfile.TemporaryDirectory(prefix=f"check-{name}-") as folder:
+        mirror = Path(folder)
+        for entry in root.iterdir():
+            if entry.name not in NOT_MIRRORED:
+                (mirror / entry.name).symlink_to(entry)
+        (mirror / ".dvc").mkdir()
+        # outside git; DVC's site cache inside the folder, not one more under /var/tmp per check
+        site_cache = mirror / ".dvc" / "site"
+        (mirror / ".dvc" / "config").write_text(f"[core]\n    no_scm = true\n    site_cache_dir = {site_cache}\n")
+        (mirror / "params.yaml").write_text(text)
+        yield mirror
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="the stage's output; without it (`make check`), only validate")
+    parser.add_argument("--profile", help="validate profiles/<name>.yaml over params.yaml instead (params.yaml is "
+                        "not written); for `make check PROFILE=<name>`")  # fmt: skip
     args = parser.parse_args()
     setup_logging()
     report_input_errors()
+    if args.profile:
+        if args.out:
+            parser.error("--profile only validates: leave out --out")
+        with profile_project(args.profile, PROJECT_ROOT) as project:
+            report = check(project)
+            check_input_files(load_params(project / "params.yaml"), project, load_stages(project))
+        print(f"profile {args.profile!r} (profiles/{args.profile}.yaml over params.yaml) and the input files it "
+              "names are valid; stages read:")  # fmt: skip
+        print("\n".join(report))
+        return
     report = check(PROJECT_ROOT)  # raises InputError naming every bad setting
     stages = load_stages(PROJECT_ROOT)  # for the two steps below (DVC takes about a second)
     check_input_files(load_params(PROJECT_ROOT / "params.yaml"), PROJECT_ROOT, stages)

@@ -25,7 +25,8 @@ Tasks (settings `eval.tasks`):
   scores);
 - stories: story completion, multiple choice (acc, acc_norm);
 - perplexity: held-out corpus text, loglikelihood_rolling (word_perplexity, bits_per_byte);
-- any other name: that lm-eval task, with its data from `eval.task_data` when given (offline).
+- any other name: that lm-eval task, with its data from `eval.task_data` when given (offline;
+  .json/.jsonl or .parquet files, such as a hub dataset's own parquet files).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pipeline.kinds import MODEL_KINDS
 from pipeline.lineage import LINEAGE_FILE
 from pipeline.lineage import model_id as lineage_id
 from pipeline.params import DEFAULT_CHAT_TEMPLATE, EMBEDDED_TASKS, EvalSettings, InputError
-from pipeline.records import json_records
+from pipeline.records import json_records, open_parquet
 from pipeline.stage import configure_environment, resolve_device, start, use_bf16
 
 log = logging.getLogger("stages.eval")
@@ -207,17 +208,23 @@ def eval_set_files(settings: EvalSettings, eval_dir: Path, corpus_dir: Path) -> 
     if "perplexity" in settings.tasks:
         files[corpus_dir / "test.jsonl"] = TEXT_FIELDS
     for splits in settings.task_data.values():
-        files.update({Path(path): () for path in splits.values() if Path(path).suffix in (".json", ".jsonl")})
+        files.update({Path(path): () for path in splits.values()})
     return files
 
 
 def check_eval_set(path: Path, fields: tuple[str, ...]) -> None:
-    """Raise InputError unless `path` is a UTF-8 JSON Lines file of at least one object, each with `fields`.
+    """Raise InputError unless `path` is a UTF-8 JSON Lines file of at least one object, each with `fields`
+    (or a parquet file of task data with at least one row).
 
     lm-eval fails on an empty set with an UnboundLocalError, on a bad one with a byte offset."""
     if not path.is_file():
         state = "a folder" if path.is_dir() else "missing"
-        raise InputError(f"eval set {path} is {state}; it must be a .jsonl file (rerun the stage that makes it)")
+        raise InputError(f"eval set {path} is {state}; it must be a {path.suffix or '.jsonl'} file "
+                         "(rerun the stage that makes it)")  # fmt: skip
+    if path.suffix == ".parquet":  # task data: its columns are the task's business; the rows, from the footer
+        if not open_parquet(path).metadata.num_rows:
+            raise InputError(f"eval set {path} has no rows")
+        return
     valid = "one JSON object per line" + (f", each with {', '.join(fields)}" if fields else "")
     rows = 0
     for where, row in json_records(path):
@@ -236,13 +243,23 @@ def check_eval_sets(settings: EvalSettings, eval_dir: Path, corpus_dir: Path) ->
         check_eval_set(path, fields)
 
 
+# The `datasets` loader lm-eval reads each kind of eval.task_data file with (pipeline/params.py
+# TASK_DATA_SUFFIXES lists the same suffixes: a test checks).
+TASK_DATA_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def task_data_loader(data_files: dict[str, str]) -> str:
+    """The loader of a task's files (all of one format: the schema checks, as lm-eval reads them with one)."""
+    return TASK_DATA_LOADERS[Path(next(iter(data_files.values()))).suffix]
+
+
 def standard_task_override(name: str, data_files: dict[str, str], builtin_yaml: str) -> dict[str, Any]:
     """A task that includes lm-eval's own YAML for `name` but reads local files (works offline)."""
     splits = sorted(data_files)
     override: dict[str, Any] = {
         "include": builtin_yaml,
         "task": f"{name}_local",
-        "dataset_path": "json",
+        "dataset_path": task_data_loader(data_files),
         "dataset_name": None,
         "dataset_kwargs": {"data_files": dict(data_files)},  # as given: relative to the project
     }
@@ -384,7 +401,8 @@ def write_tasks(settings: EvalSettings, model_dir: Path, eval_dir: Path, corpus_
             for name in local
         ]
         write_task_files(overrides, folder)
-        manager = TaskManager(include_path=str(folder))
+        # the overrides include lm-eval's YAMLs by path: the built-in index only for tasks read from the hub
+        manager = TaskManager(include_path=str(folder), include_defaults=len(local) < len(standard))
     labels = {f"{name}_local": name for name in local}
     names = [c["task"] for c in configs] + [f"{name}_local" if name in local else name for name in standard]
     skills = [c["task"] for c in configs if c["output_type"] == "generate_until"]

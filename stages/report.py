@@ -21,9 +21,10 @@ Outputs in --out:
 - leaderboard.md: findings; models (rows, by kind) x the main metrics, in each column the cells
   holding its best value in bold (every tied cell; none when one model alone has the metric); the
   selected merges; the paired tests; every task/metric, bolded the same way;
-- skill_matrix.png: models (rows, by kind) x skills, exact-answer accuracy, all skills pooled apart;
+- skill_matrix.png: models (rows, by kind) x skills, exact-answer accuracy, all skills pooled apart
+  (without a `skills` task, e.g. a profile scored on standard tasks: a note saying so);
 - curves.png: training and validation loss, one panel per training run;
-- routing.png: tokens routed to each expert of each MoE (when routing JSONs exist);
+- routing.png: tokens routed to each expert of each MoE (without routing JSONs: a note);
 - index.html: all of the above in one self-contained page (images inlined, no CDN, no script
   from outside), with each model's lineage;
 - cards/<kind>/<name>.md: a model card with the model's eval results and lineage.
@@ -528,6 +529,18 @@ def plot_routing(routing: dict[str, dict[str, Any]], path: Path) -> None:
     save_figure(figure, path)
 
 
+def plot_note(message: str, path: Path) -> None:
+    """A small figure that says why a plot is not there (the report page leaves it out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(5, 0.8))
+    figure.text(0.5, 0.5, message, ha="center", va="center")
+    save_figure(figure, path)
+
+
 def load_routing(folder: Path) -> dict[str, dict[str, Any]]:
     """MoE model (the JSON's path below `folder`, no suffix) -> its routing shares."""
     paths = sorted(folder.rglob("*.json"))
@@ -681,15 +694,20 @@ def run(
     tests = paired_tests(models, research_pairs(models))
     write_text(out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection))
     images = []
+    # dvc.yaml declares every plot: one that does not apply (no `skills` task, no MoE) is a note saying why
     if skill_names(models):
         plot_skill_matrix(models, out_dir / "skill_matrix.png")
         images.append(out_dir / "skill_matrix.png")
+    else:
+        plot_note("No skill matrix: eval.tasks has no `skills` task.", out_dir / "skill_matrix.png")
     plot_curves(expand_curves(curves), out_dir / "curves.png")
     images.append(out_dir / "curves.png")
     routing = load_routing(routing_dir) if routing_dir else {}
     if routing:
         plot_routing(routing, out_dir / "routing.png")
         images.append(out_dir / "routing.png")
+    else:
+        plot_note("No routing shares: no MoE was trained.", out_dir / "routing.png")
     write_text(out_dir / "index.html", html_report(models, tests, images, selection))
     # Model folders belong to the stages that made them, so the cards with eval results live here.
     for model in models.values():
