@@ -16,8 +16,14 @@ export DVC_NO_ANALYTICS := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
+export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 
-.PHONY: install browser run test lint check bench lock clean
+.PHONY: install browser profile run test test-scale lint check bench lock clean
+
+# PROFILE=<name> (profiles/<name>.yaml: tiny, gpu-small, phi3-moe) selects another experiment:
+# `make run PROFILE=gpu-small` writes it into params.yaml first (pipeline/profiles.py), `make check
+# PROFILE=...` only validates it. Left empty, params.yaml is used as it stands.
+PROFILE ?=
 
 $(INSTALLED): requirements/lock.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "error: Python 3.11 is required (axolotl 0.19); set PYTHON=/path/to/python3.11")'
@@ -32,11 +38,19 @@ $(INSTALLED): requirements/lock.txt
 
 install: $(INSTALLED)
 
-run: install  ## the default experiment, end to end (its first stage, `check`, validates everything)
+profile: install  ## write PROFILE's settings into params.yaml (refuses to overwrite edits of your own)
+	@[ -n "$(PROFILE)" ] || { echo "error: name one: make profile PROFILE=<a file of profiles/, without .yaml>"; exit 2; }
+	$(BIN)/python -m pipeline.profiles apply $(PROFILE)
+
+run: install  ## the default experiment (or PROFILE's), end to end; its first stage, `check`, validates everything
+	$(if $(PROFILE),$(BIN)/python -m pipeline.profiles apply $(PROFILE))
 	$(BIN)/dvc repro
 
-test: install browser  ## the test suite (CI runs it after lint: .ci/run)
+test: install browser  ## the test suite (CI runs it after lint: .ci/run); leaves out the `scale` tests
 	$(BIN)/python -m pytest
+
+test-scale: install  ## the real-scale stand-ins (phi3-moe on CPU, 2-process axolotl): minutes each, not in CI
+	$(BIN)/python -m pytest -m scale
 
 # The report test opens the HTML report in headless Chromium (Debian's package). Installed when
 # missing and we may (root with apt-get, as on CI); otherwise that one test skips, except on CI.
@@ -49,13 +63,14 @@ lint: install  ## ruff: lint rules and formatting, no changes made (CI runs it f
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-check: install  ## validate params.yaml, dvc.yaml's declarations and the input files; no compute
-	$(BIN)/python -m stages.check
+check: install  ## validate params.yaml (or PROFILE's settings), dvc.yaml's declarations and the input files; no compute
+	$(BIN)/python -m stages.check $(if $(PROFILE),--profile $(PROFILE))
 
 bench: install  ## throughput figures (not tests)
 	$(BIN)/python -m bench.bench_tokenize
 	$(BIN)/python -m bench.bench_pretrain
 	$(BIN)/python -m bench.bench_compute
+	$(BIN)/python -m bench.bench_parallel
 	$(BIN)/python -m bench.bench_finetune
 	$(BIN)/python -m bench.bench_pipeline
 

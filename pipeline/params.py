@@ -34,7 +34,7 @@ LOCAL_INPUTS = "data/local"
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SFT_DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")  # pipeline/sft.py DATASET_FORMATS (a test checks they agree)
 REPLAY_TEXT_SUFFIXES = (".jsonl", ".parquet")  # what pipeline/sft.py read_texts reads
-TASK_DATA_SUFFIXES = (".jsonl", ".json")  # stages/eval.py reads task data with lm-eval's `json` loader
+TASK_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # stages/eval.py TASK_DATA_LOADERS (a test checks they agree)
 CORPUS_SPLITS = ("train", "val", "test")  # the data stage's corpus files, <split>.jsonl
 
 
@@ -290,8 +290,9 @@ class ComputeSettings(Section):
     threads: int | None = Field(
         2,
         ge=1,
-        description="CPU threads per process (torch, OpenMP, MKL). Reductions split work by thread, so results "
-        "depend on it. null: every core (divided among the processes under torchrun).",
+        description="CPU threads per process (torch, OpenMP, MKL, tokenizers). Reductions split work by thread, so "
+        "results depend on it. null: OMP_NUM_THREADS from the environment, else every core (divided among the "
+        "processes under torchrun). Stages side by side (`dvc queue start -j 2`): README, Performance.",
     )
 
 
@@ -386,7 +387,8 @@ class EvalSettings(Section):
     task_data: dict[str, dict[str, TaskDataFile]] = Field(
         default_factory=dict,
         description="Local data for standard lm-eval tasks, offline: task name -> {split: file}, "
-        "e.g. {arc_easy: {test: data/local/arc_easy.jsonl}} (.jsonl or .json with the task's columns).",
+        "e.g. {arc_easy: {test: data/local/arc_easy.jsonl}} (.jsonl, .json or .parquet with the task's columns: "
+        "a hub dataset's own parquet files, fetched by a `hub` entry, fit).",
     )
     num_fewshot: int = Field(0, ge=0, le=128, description="Examples shown before each question.")
     batch_size: int = Field(64, ge=1, le=8_192, description="Requests per forward pass.")
@@ -413,6 +415,8 @@ class EvalSettings(Section):
                 raise ValueError(f"task_data names {name!r}, which is not in tasks {self.tasks}")
             if name in EMBEDDED_TASKS:
                 raise ValueError(f"task_data cannot override the embedded task {name!r}")
+            if len({Path(path).suffix == ".parquet" for path in self.task_data[name].values()}) > 1:
+                raise ValueError(f"task_data.{name}: give every split in one format (json/jsonl or parquet)")
         return self
 
 
@@ -429,8 +433,10 @@ class SFTSettings(Section):
     warmup_steps: SFTWarmupSteps = 20
     optimizer: str = Field("adamw_torch", description="Any optimizer axolotl knows (adamw_bnb_8bit needs a GPU).")
     weight_decay: float = Field(0.0, ge=0)
-    adapter: Literal["none", "lora"] = Field(
-        "none", description="none: full fine-tune; lora: train a LoRA adapter, merged into the model at the end."
+    adapter: Literal["none", "lora", "qlora"] = Field(
+        "none",
+        description="none: full fine-tune; lora: train a LoRA adapter, merged into the model at the end; qlora: "
+        "the same on the model loaded in 4 bits (bitsandbytes, CUDA only).",
     )
     lora_r: LoraRank = 16
     lora_alpha: int = Field(32, ge=1)
@@ -457,6 +463,24 @@ class SFTSettings(Section):
         "padded to their longest row stay short."
     )  # fmt: skip
     seed: int = 0
+    # The two launch settings stay out of dumps (lineage, model card) at their defaults, so that a
+    # model trained by one process has the same bytes as before they existed.
+    processes: int = Field(
+        1, ge=1, le=1_024, exclude_if=lambda value: value == 1,
+        description="Training processes per machine (one per GPU); more than 1 (or several machines) launches "
+        "axolotl through torchrun. micro_batch_size is per process: a step's batch is micro_batch_size x "
+        "gradient_accumulation_steps x processes (x machines).",
+    )  # fmt: skip
+    eot_tokens: list[str] | None = Field(
+        None, exclude_if=lambda value: value is None,
+        description="Tokens that end a chat turn, trained like the end-of-text token (axolotl's eot_tokens): for "
+        "templates whose turns end in a token of their own, e.g. Phi-3's ['<|end|>']. null: the tokenizer's eos.",
+    )  # fmt: skip
+    distributed: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "ddp", exclude_if=lambda value: value == "ddp",
+        description="How several processes train: DistributedDataParallel, FSDP2 (sharded weights, gradients and "
+        "optimizer state) or DeepSpeed ZeRO stage 2 or 3 (`pip install deepspeed` first). Unused by one process.",
+    )  # fmt: skip
 
 
 class _Overrides(Section):
@@ -994,7 +1018,8 @@ def path_settings(params: Params, root: Path = PROJECT_ROOT) -> dict[str, PathSe
     if corpus.source == "local" and corpus.path:
         named["data.corpus.path"] = PathSetting(corpus.path, CORPUS_SUFFIXES)
     base = params.tokenize.base_model
-    if base and ((root / base).exists() or Path(base).is_relative_to(LOCAL_INPUTS)):  # else a hub id
+    from_hub_entry = Path(base or ".").parts[:2] == ("data", "hub")  # fetched by a hub@<name> stage
+    if base and ((root / base).exists() or Path(base).is_relative_to(LOCAL_INPUTS) or from_hub_entry):  # else a hub id
         named["tokenize.base_model"] = PathSetting(base)
     for name, expert in params.finetune.experts.items():
         named[f"finetune.experts.{name}.dataset"] = PathSetting(expert.dataset, SFT_DATASET_SUFFIXES)

@@ -301,14 +301,15 @@ ARC = {"eval__tasks": ["skills", "arc_easy"]}
         ),
         pytest.param(
             {**ARC, "eval__task_data": {"arc_easy": {"test": "data/local/folder.jsonl"}}},
-            "eval.task_data.arc_easy.test is 'data/local/folder.jsonl', a folder: it must be a .jsonl or .json file",
+            "eval.task_data.arc_easy.test is 'data/local/folder.jsonl', a folder: it must be a .jsonl, .json or .parquet "
+            "file",
             id="task data is a folder",
         ),
         pytest.param(
-            {**ARC, "eval__task_data": {"arc_easy": {"test": "data/local/arc.parquet"}}},
-            "eval.task_data.arc_easy.test: 'data/local/arc.parquet' has suffix '.parquet': it must be a .jsonl "
-            "or .json file",
-            id="task data that lm-eval's json loader cannot read",
+            {**ARC, "eval__task_data": {"arc_easy": {"test": "data/local/arc.csv"}}},
+            "eval.task_data.arc_easy.test: 'data/local/arc.csv' has suffix '.csv': it must be a .jsonl, .json or "
+            ".parquet file",
+            id="task data that lm-eval cannot read",
         ),
         pytest.param(
             {"finetune__base_model": "data/local/model.safetensors"},
