@@ -84,4 +84,4 @@ clean:  ## remove generated outputs (not the venv, not the DVC cache)
 	rm -rf data/hub metrics/hub data/corpus data/sft data/eval data/tokens models/tokenizer models/pretrain models/pretrain_checkpoints \
 	  models/experts models/merged models/moe models/dense models/moe_trained models/.finetune_work metrics/*.json \
 	  metrics/pretrain metrics/pretrain_samples.md metrics/finetune metrics/dense metrics/moe_finetune metrics/routing \
-	  metrics/eval metrics/eval_raw metrics/report logs .tmp data/params_checked.txt
+	  metrics/eval metrics/eval_raw metrics/report logs .tmp

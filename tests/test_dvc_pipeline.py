@@ -452,3 +452,108 @@ def test_experiment_with_set_param(project):
     text = json.dumps(shown)
     assert '"max_gen_tokens": 8' in text and '"max_gen_tokens": 16' in text
     assert '"val/loss"' in text and '"all_skills/exact_match"' in text
+
+
+# A team's shared cache: one default remote, committed in .dvc/config, so every clone pushes to and
+# pulls from the same storage (here a local folder; in a team an S3 bucket, SSH host or NFS path).
+
+
+def git_commit(repo: Path, message: str) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message)
+
+
+def clone(source: Path, target: Path) -> Path:
+    sh(source, "git", "clone", "-q", str(source), str(target))
+    return target
+
+
+@pytest.fixture(scope="module")
+def team(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The team's repository: the project's first commit (the shrunk settings) reproduced, with its
+    dvc.lock and a default remote committed, and every output pushed there. It reproduces with the
+    project's cache, whose run-cache (after the first test above) restores the stages instead of
+    computing them."""
+    root = tmp_path_factory.mktemp("team")
+    origin = clone(project, root / "origin")
+    sh(origin, "git", "reset", "-q", "--hard", sh(origin, "git", "rev-list", "--max-parents=0", "HEAD").stdout.strip())
+    dvc(origin, "cache", "dir", "--local", str(project / ".dvc" / "cache"))
+    dvc(origin, "repro")
+    dvc(origin, "remote", "add", "--default", "shared", str(root / "remote"))
+    git_commit(origin, "the shrunk run's lock and the team's remote")
+    dvc(origin, "push")
+    return origin
+
+
+def changed_paths(repo: Path) -> set[str]:
+    """Every path that `dvc status` reports as changed, in any stage."""
+    status = json.loads(dvc(repo, "status", "--json").stdout)
+    return {path for entries in status.values() for entry in entries for change in entry.values() for path in change}
+
+
+def test_shared_remote_a_clone_pulls_every_output_and_computes_nothing(team, tmp_path):
+    teammate = clone(team, tmp_path / "teammate")
+    dvc(teammate, "pull")
+    # the check's stamp comes with git (constant bytes): every stage is up to date
+    assert "Data and pipelines are up to date" in dvc(teammate, "status").stdout
+    assert stages_run(dvc(teammate, "repro")) == set()
+    assert (teammate / "dvc.lock").read_text() == (team / "dvc.lock").read_text()
+
+
+def test_shared_remote_repro_pull_in_a_fresh_clone_computes_nothing(team, tmp_path):
+    teammate = clone(team, tmp_path / "teammate")
+    assert stages_run(dvc(teammate, "repro", "--pull")) == set()
+    assert changed_paths(teammate) == set()  # every output fetched with the bytes dvc.lock names
+
+
+def run_queue(repo: Path, timeout: float = 600) -> str:
+    """`dvc queue start -j 1` (parallel workers race: treeverse/dvc 10673) and wait until every
+    queued experiment has ended; returns `dvc queue status`."""
+    dvc(repo, "queue", "start", "--jobs", "1")
+    deadline = time.time() + timeout
+    try:
+        while re.search(r"\b(Queued|Running)\b", status := dvc(repo, "queue", "status").stdout):
+            assert time.time() < deadline, f"the queue did not finish in {timeout} s:\n{status}"
+            time.sleep(1)
+    finally:
+        dvc(repo, "queue", "stop", "--kill")  # no worker outlives the test (an idle one waits 10 s)
+    return status
+
+
+def experiments(repo: Path) -> dict[str, tuple[dict, dict]]:
+    """`dvc exp show --json`: experiment name -> (params.yaml, metrics by file)."""
+    shown = {}
+    for baseline in json.loads(dvc(repo, "exp", "show", "--json").stdout):
+        for experiment in baseline["experiments"] or []:
+            data = experiment["revs"][0]["data"]
+            metrics = {name: value["data"] for name, value in data["metrics"].items()}
+            shown[experiment["name"]] = (data["params"]["params.yaml"]["data"], metrics)
+    return shown
+
+
+@pytest.mark.scale  # ~80 s on the 2-core machine (35 s CPU): the queue's worker and temporary workspaces
+def test_queue_a_sweep_runs_each_value_and_exp_show_compares_them(team, tmp_path):
+    """`dvc exp run --queue -S key=a,b` queues one experiment per value. A teammate pulls the
+    experiments (`dvc exp push/pull`: git refs, outputs and run records) and gets either setting
+    from the run-cache instead of computing it."""
+    sweeper = clone(team, tmp_path / "sweeper")
+    dvc(sweeper, "pull")
+    dvc(sweeper, "exp", "run", "--queue", "-S", "tokenize.vocab_size=300,400", "tokenize")
+    status = run_queue(sweeper)
+    assert status.count("Success") == 2, status
+    swept = experiments(sweeper)
+    tokens = {}
+    for params, metrics in swept.values():
+        tokens[params["tokenize"]["vocab_size"]] = metrics["metrics/tokenize.json"]["train/tokens"]
+    assert set(tokens) == {300, 400}
+    assert tokens[300] > tokens[400]  # fewer merges, more tokens
+    # `dvc push --run-cache` alone sends the run records but not the experiments' outputs
+    dvc(sweeper, "exp", "push", "--run-cache", "origin", *swept)
+
+    teammate = clone(team, tmp_path / "teammate")
+    dvc(teammate, "exp", "pull", "--run-cache", "origin", *swept)
+    assert experiments(teammate) == swept
+    dvc(teammate, "pull")
+    result = dvc(teammate, "exp", "run", "-S", "tokenize.vocab_size=300", "tokenize")
+    assert stages_run(result) == {"check"} and "Stage 'tokenize' is cached" in result.stdout
+    assert json.loads((teammate / "metrics/tokenize.json").read_text())["train/tokens"] == tokens[300]

@@ -3,7 +3,8 @@
 The stand-in has Phi-3-mini-4k-instruct-LLaMAfied's config and tokenizer layout at tiny sizes.
 The test applies the profile through pipeline/profiles.py in a copy of the project, changes only
 what a CPU and no network force (each change below says why), runs `dvc repro` and checks what
-every stage made. Run it with `python -m pytest tests/test_phi3_standin.py -m scale -x`.
+every stage made. Run it with `python -m pytest tests/test_phi3_standin.py -m scale -x` (`make
+test-scale`): the stand-in's own tests too are left out of `make test`, to keep CI's time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pipeline.params import SFTSettings, load_params
 from pipeline.profiles import dump, profile_params
 from tests import phi3_standin
 from tests.project import commit_all, copy_project, dvc, stages_run
+
+pytestmark = pytest.mark.scale
 
 STANDIN = "data/local/phi3"
 # The profile's experts, each trained here on one of the data stage's generated chat datasets
@@ -176,7 +179,6 @@ def test_the_profile_trains_the_answers_and_phi3s_end_of_turn(standin):
     assert trained_tokens(standin, SFTSettings()) == ["5", "8", "<|endoftext|>"]
 
 
-@pytest.mark.scale
 def test_phi3_moe_profile_runs_on_the_standin(project):
     result = dvc(project, "repro")
     per_model = {f"{stage}@{name}" for stage in ("finetune", "eval_expert") for name in EXPERT_DATA}
