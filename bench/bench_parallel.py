@@ -43,6 +43,7 @@ from typing import Any
 from pipeline.stage import PORTABLE_KERNELS, THREAD_VARIABLES
 
 SHAPES = {"sft": (32, 32), "pretrain": (32, 128)}  # (batch, tokens per sequence)
+# default: libgomp's own; PASSIVE / ACTIVE: OMP_WAIT_POLICY; a number: GOMP_SPINCOUNT (spins before sleeping)
 POLICIES = ("default", "PASSIVE")
 THREADS = (2, 1)
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
@@ -95,7 +96,9 @@ def step_loop(spec: dict[str, Any]) -> None:
 def environment(threads: int, policy: str) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name not in WAIT_VARIABLES}
     env |= PORTABLE_KERNELS | dict.fromkeys(THREAD_VARIABLES, str(threads))
-    if policy != "default":
+    if policy.isdigit():
+        env["GOMP_SPINCOUNT"] = policy
+    elif policy != "default":
         env["OMP_WAIT_POLICY"] = policy
     return env
 
@@ -131,12 +134,12 @@ def measure(arm: dict[str, Any], seconds: float, folder: Path) -> list[dict[str,
 # The comparison
 
 
-def arms(shapes: list[str], threads_options: list[int]) -> list[dict[str, Any]]:
+def arms(shapes: list[str], threads_options: list[int], policies: list[str]) -> list[dict[str, Any]]:
     return [
         {"shape": shape, "threads": threads, "policy": policy, "pair": pair}
         for shape in shapes
         for threads in threads_options
-        for policy in POLICIES
+        for policy in policies
         for pair in (False, True)
     ]
 
@@ -168,13 +171,14 @@ def median_step(rounds: list[list[dict]]) -> float:
 def print_table(shape: str, runs: dict[tuple, list[list[dict]]]) -> None:
     batch, seq_len = SHAPES[shape]
     counts = sorted({threads for (s, threads, _, _) in runs if s == shape}, reverse=True)
-    reference = median_step(runs[shape, counts[0], "default", False])  # one process alone, today's settings
+    policies = list(dict.fromkeys(policy for (s, _, policy, _) in runs if s == shape))
+    reference = median_step(runs[shape, counts[0], policies[0], False])  # one process alone, the first policy
     print(f"\n{shape} ({batch} x {seq_len} tokens a step); reference: 1 process alone, {counts[0]} threads, "
-          f"default wait = {reference * 1000:.1f} ms/step")  # fmt: skip
+          f"{policies[0]} wait = {reference * 1000:.1f} ms/step")  # fmt: skip
     print(f"{'threads':>7} {'wait policy':>11} {'alone ms':>9} {'pair ms':>9} {'slowdown':>8} "
           f"{'pair steps/s':>12} {'vs alone':>8} {'rounds':>6}")  # fmt: skip
     for threads in counts:
-        for policy in POLICIES:
+        for policy in policies:
             alone, pair = runs[shape, threads, policy, False], runs[shape, threads, policy, True]
             alone_step, pair_step = median_step(alone), median_step(pair)
             pair_rate = statistics.median(sum(1 / run["step_seconds"] for run in processes) for processes in pair)
@@ -182,12 +186,14 @@ def print_table(shape: str, runs: dict[tuple, list[list[dict]]]) -> None:
                   f"{pair_step / alone_step:>7.1f}x {pair_rate:>12.2f} {pair_rate * reference:>7.2f}x "
                   f"{len(alone):>6}")  # fmt: skip
     for threads in counts:
-        passive = [
-            statistics.fmean(p["step_seconds"] for p in a) / statistics.fmean(d["step_seconds"] for d in b)
-            for a, b in zip(runs[shape, threads, "PASSIVE", False], runs[shape, threads, "default", False], strict=True)
-        ]
-        print(f"  alone, {threads} threads: PASSIVE / default = {statistics.median(passive):.2f} "
-              f"(per round: {', '.join(f'{ratio:.2f}' for ratio in passive)})")  # fmt: skip
+        reference_rounds = runs[shape, threads, policies[0], False]
+        for policy in policies[1:]:
+            ratios = [
+                statistics.fmean(p["step_seconds"] for p in a) / statistics.fmean(d["step_seconds"] for d in b)
+                for a, b in zip(runs[shape, threads, policy, False], reference_rounds, strict=True)
+            ]
+            print(f"  alone, {threads} threads: {policy} / {policies[0]} = {statistics.median(ratios):.2f} "
+                  f"(per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)})")  # fmt: skip
 
 
 def print_bytes(shapes: list[str], runs: dict[tuple, list[list[dict]]]) -> None:
@@ -217,6 +223,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="timed window per run (at least 3 steps)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--threads", type=int, nargs="+", choices=THREADS, default=list(THREADS))
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(POLICIES),
+        help="waits to compare, the first the reference: default, PASSIVE, ACTIVE or a GOMP_SPINCOUNT",
+    )
     parser.add_argument("--quick", action="store_true", help="the sft shape, 1 round, 1-second windows")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,7 +240,7 @@ def main() -> None:
     shapes, repeats, seconds = (["sft"], 1, 1.0) if args.quick else (args.shapes, args.repeats, args.seconds)
     print(f"machine: {machine()}; load average now {os.getloadavg()[0]:.2f} (other work on the machine skews "
           f"the figures: compare within a round, repeat); {repeats} rounds, {seconds:g} s windows")  # fmt: skip
-    runs = run_rounds(arms(shapes, args.threads), repeats, seconds)
+    runs = run_rounds(arms(shapes, args.threads, args.policies), repeats, seconds)
     for shape in shapes:
         print_table(shape, runs)
     print_bytes(shapes, runs)

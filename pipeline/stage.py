@@ -46,19 +46,12 @@ def configure_environment(*, hub_access: bool = False) -> None:
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 # torch's OpenMP and MKL pools, and the Rust pool of the tokenizers (tokenize, SFT data preparation).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")
-# OpenMP threads that wait for work sleep at once instead of spinning (libgomp's default: ~300,000
-# spins after every parallel operation). Where the cores are shared (`dvc queue start -j 2`, or any
-# other work) the spinning threads hold the cores the working ones need: bench/bench_parallel.py
-# (2-core Xeon, busy with other work) timed a tiny Llama's SFT-sized step at 3.3 s alone and 15 s
-# beside a twin with the default wait, 0.27 s and 0.57 s passive. Waiting decides no arithmetic
-# (same losses to the bit). libgomp reads it once, when torch loads: stages/__init__.py sets it first.
-OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def configure_openmp_wait() -> None:
-    """Set OPENMP_WAIT for this process and the ones it starts; a value in the environment wins."""
-    for name, value in OPENMP_WAIT.items():
-        os.environ.setdefault(name, value)
+# OpenMP's wait policy is the user's: libgomp reads OMP_WAIT_POLICY once, when torch loads, and every
+# stage and axolotl inherit it. Measured with bench/bench_parallel.py (2-core Xeon, idle, an SFT-sized
+# step of the default model, 2 threads): libgomp's default (spin ~300,000 times, then sleep) takes
+# 112 ms alone and 370 ms beside a twin; PASSIVE (sleep at once) 216 ms alone and 242 ms beside a
+# twin. One stage at a time, the default is twice as fast; stages side by side (`dvc queue start
+# -j 2`) want PASSIVE (README, "Stages side by side"). Waiting decides no arithmetic (same losses).
 
 
 def thread_count(setting: int | None) -> int:
@@ -103,7 +96,6 @@ def configure_compute(settings: ComputeSettings) -> None:
         os.environ.pop(name, None)
     if settings.portable_kernels:
         os.environ.update(PORTABLE_KERNELS)
-    configure_openmp_wait()  # in time for torch when it is imported later (stages/__init__.py did it otherwise)
     threads = configure_threads(settings.threads)
     if "torch" in sys.modules:  # imported at the top of the stage module: check it has not chosen its kernels
         import torch

@@ -1,4 +1,4 @@
-"""Threads and OpenMP's wait policy, as a stage process really gets them (pipeline/stage.py).
+"""Threads, and OpenMP's wait policy left to the user, as a stage process really gets them (pipeline/stage.py).
 
 Each case runs in a process of its own, as `python -m stages.<stage>` would: the `stages` package
 first, then a stage module that imports torch at its top (pretrain), then the stage's start-up.
@@ -49,18 +49,24 @@ def probe(how: str, value: object, **environment: str) -> tuple[dict, str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), spin.group(1)
 
 
-def test_null_threads_take_the_environment_and_openmp_sleeps_from_the_start():
+def test_null_threads_take_the_environment_and_openmp_keeps_its_default_wait():
     figures, spin = probe("compute", None, OMP_NUM_THREADS="1")
     assert figures["torch"] == 1
     assert figures["MKL_NUM_THREADS"] == figures["RAYON_NUM_THREADS"] == "1"
-    assert figures["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert spin == "0"  # set before torch loaded: libgomp's idle threads sleep at once (default 300000)
+    assert figures["OMP_WAIT_POLICY"] is None
+    assert spin == "300000"  # libgomp's default: fastest for one stage at a time
 
 
-def test_the_setting_wins_over_the_environment_and_a_users_wait_policy_is_kept():
+def test_a_users_passive_wait_reaches_openmp():
+    # what README's `OMP_WAIT_POLICY=PASSIVE dvc queue start -j 2` relies on
+    figures, spin = probe("compute", 2, OMP_WAIT_POLICY="PASSIVE")
+    assert figures["OMP_WAIT_POLICY"] == "PASSIVE" and spin == "0"
+
+
+def test_the_setting_wins_over_the_environment():
     figures, spin = probe("compute", 2, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE")
     assert figures["torch"] == 2 and figures["OMP_NUM_THREADS"] == "2"
-    assert figures["OMP_WAIT_POLICY"] == "ACTIVE" and spin != "0"
+    assert figures["OMP_WAIT_POLICY"] == "ACTIVE" and spin != "300000"
 
 
 def test_a_stage_without_compute_sizes_its_pools_from_the_environment():
