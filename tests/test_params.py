@@ -301,8 +301,8 @@ ARC = {"eval__tasks": ["skills", "arc_easy"]}
         ),
         pytest.param(
             {**ARC, "eval__task_data": {"arc_easy": {"test": "data/local/folder.jsonl"}}},
-            "eval.task_data.arc_easy.test is 'data/local/folder.jsonl', a folder: it must be a .jsonl, .json or .parquet "
-            "file",
+            "eval.task_data.arc_easy.test is 'data/local/folder.jsonl', a folder: it must be a .jsonl, .json or "
+            ".parquet file",
             id="task data is a folder",
         ),
         pytest.param(
