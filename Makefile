@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 
-.PHONY: install browser profile run test test-scale lint check bench lock clean
+.PHONY: install browser profile run llama-cpp test test-scale lint check bench lock clean
 
 # PROFILE=<name> (profiles/<name>.yaml: tiny, gpu-small, phi3-moe) selects another experiment:
 # `make run PROFILE=gpu-small` writes it into params.yaml first (pipeline/profiles.py), `make check
@@ -46,10 +46,13 @@ run: install  ## the default experiment (or PROFILE's), end to end; its first st
 	$(if $(PROFILE),$(BIN)/python -m pipeline.profiles apply $(PROFILE))
 	$(BIN)/dvc repro
 
+llama-cpp: install  ## llama.cpp for the gguf stage: built once (minutes) from a pinned source, cached outside the project
+	$(BIN)/python -m pipeline.llama_cpp
+
 test: install browser  ## the test suite (CI runs it after lint: .ci/run); leaves out the `scale` tests
 	$(BIN)/python -m pytest
 
-test-scale: install  ## the real-scale stand-ins (phi3-moe on CPU, 2-process axolotl): minutes each, not in CI
+test-scale: install llama-cpp  ## the real-scale stand-ins (phi3-moe on CPU, 2-process axolotl) and llama.cpp: minutes each, not in CI
 	$(BIN)/python -m pytest -m scale
 
 # The report test opens the HTML report in headless Chromium (Debian's package). Installed when

@@ -19,7 +19,17 @@ from pipeline.stage import DVCLIVE_DIR_VARIABLE, skip_final_garbage_collection
 
 skip_final_garbage_collection()  # in axolotl's process too, which loads this plugin
 
-CURVES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/lr", "eval_loss": "eval/loss"}
+CURVES = {
+    "loss": "train/loss",
+    "grad_norm": "train/grad_norm",
+    "learning_rate": "train/lr",
+    "eval_loss": "eval/loss",
+    # DPO (trl): how often, and by how much, the implicit reward prefers the chosen answer
+    "rewards/accuracies": "train/rewards/accuracies",
+    "rewards/margins": "train/rewards/margins",
+    "eval_rewards/accuracies": "eval/rewards/accuracies",
+    "eval_rewards/margins": "eval/rewards/margins",
+}
 
 
 class DVCLiveLogger(TrainerCallback):

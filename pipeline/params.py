@@ -800,6 +800,152 @@ class MixtureSettings(Section):
     )
 
 
+PREFERENCE_ROW = '{"messages": [{"role": "user", "content": "..."}], "chosen": "...", "rejected": "..."}'
+
+
+class DPORun(SFTOverrides):
+    """One preference-tuning run: the model it starts from, its preference pairs, and SFT settings that differ
+    from dpo.defaults."""
+
+    model: str = Field(
+        description="Model folder to start from: an expert (models/experts/<name>), the dense baseline "
+        "(models/dense/<name>), or any local or hub model folder."
+    )
+    dataset: SFTDatasetFile = Field(
+        description=f"Preference pairs (.jsonl/.json/.parquet), one per row: {PREFERENCE_ROW}. Generated ones are "
+        "data/preference/train/<skill>.jsonl; a hub dataset's file in this shape works too (data/hub/<name>/...)."
+    )
+    eval_dataset: SFTDatasetFile | None = Field(
+        None,
+        description="Held-out pairs in the same shape (data/preference/eval/<skill>.jsonl): the stage measures how "
+        "often the start and the trained model prefer the chosen answer. null: not measured.",
+    )
+    beta: float | None = Field(None, gt=0, description="DPO's beta for this run (default: dpo.beta).")
+
+    @model_validator(mode="after")
+    def _full_or_lora_only(self) -> DPORun:
+        if self.adapter == "qlora":
+            raise ValueError("adapter qlora is not supported for a DPO run: use none or lora")
+        return self
+
+
+class DPOSettings(Section):
+    """`dpo@<run>` stages: direct preference optimisation with axolotl's `rl: dpo` (python -m stages.dpo).
+    Off by default: no runs."""
+
+    defaults: SFTOverrides = Field(
+        default_factory=lambda: SFTOverrides(max_steps=200, learning_rate=1.0e-4, warmup_steps=10, replay_rows=0),
+        description="What the DPO runs change of the shared `sft` settings.",
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of DPO's pull towards the start model (axolotl rl_beta).")
+    runs: dict[Name, DPORun] = Field(
+        default_factory=dict,
+        description="Run name -> start model, preference data and overrides; each is a dpo@<name> stage, evaluated "
+        "as dpo/<name>.",
+    )
+
+
+class AdapterRun(ExpertSettings):
+    """One expert trained with a peft adapter (LoRA, LoHa or LoKr) and merged into a plain model."""
+
+    method: Literal["lora", "loha", "lokr"] = Field(
+        description="peft's LoRA (low-rank B·A), LoHa (Hadamard product of two low-rank pairs) or LoKr (Kronecker "
+        "product); rank lora_r, alpha lora_alpha, on every linear layer of the decoder."
+    )
+
+    @model_validator(mode="after")
+    def _method_sets_the_adapter(self) -> AdapterRun:
+        if self.adapter is not None:
+            raise ValueError("set `method` (lora, loha or lokr), not `adapter`, for an adapters run")
+        return self
+
+
+class AdapterSettings(Section):
+    """`adapter@<run>` stages: experts trained with other low-rank adapters than axolotl's LoRA, on the experts'
+    data, masking and settings (python -m stages.adapters). Off by default: no runs."""
+
+    runs: dict[Name, AdapterRun] = Field(
+        default_factory=dict,
+        description="Run name -> dataset, method and overrides (resolved like an expert's: sft, then "
+        "finetune.defaults, then these); each is an adapter@<name> stage, evaluated as adapter/<name>.",
+    )
+
+
+QuantBits = Literal["int4", "int8"]
+QuantGroup = Annotated[int, Field(ge=1, le=65_536)]
+
+
+class QATRun(ExpertSettings):
+    """One expert trained with quantization-aware training: axolotl fake-quantizes its linear weights."""
+
+    weight_dtype: QuantBits = Field("int4", description="The integer type the weights are fake-quantized to.")
+    group_size: QuantGroup = Field(32, description="Weights per quantization scale, along each row.")
+
+
+class QATSettings(Section):
+    """`qat@<run>` stages: experts trained with axolotl's quantization-aware training (torchao), to be quantized
+    afterwards by a `quantize` run (python -m stages.qat). Off by default: no runs."""
+
+    runs: dict[Name, QATRun] = Field(
+        default_factory=dict,
+        description="Run name -> dataset, quantization and overrides (resolved like an expert's); each is a "
+        "qat@<name> stage, evaluated as qat/<name>.",
+    )
+
+
+class QuantizeRun(Section):
+    """One model's weights quantized after training (round to nearest, symmetric, per group)."""
+
+    model: str = Field(description="Model folder to quantize: any model of the pipeline (models/experts/<name>, "
+                       "models/qat/<name>, ...) or a local one.")  # fmt: skip
+    weight_dtype: QuantBits = Field("int4", description="The integer type of the weights.")
+    group_size: QuantGroup = Field(32, description="Weights per scale along each row; must divide every input size.")
+
+
+class QuantizeSettings(Section):
+    """`quantize@<run>` stages: post-training quantization with torchao (python -m stages.quantize). Off by
+    default: no runs."""
+
+    runs: dict[Name, QuantizeRun] = Field(
+        default_factory=dict, description="Run name -> model and scheme; each is a quantize@<name> stage, "
+        "evaluated as quantized/<name>."
+    )  # fmt: skip
+
+
+GGUFType = Literal["f16", "q8_0", "q4_0"]
+
+
+class GGUFRun(Section):
+    """One model exported to GGUF files for llama.cpp."""
+
+    model: str = Field(description="Model folder to export: a Llama-architecture model of the pipeline or a local one.")
+    types: list[GGUFType] = Field(
+        default_factory=lambda: ["f16", "q8_0", "q4_0"],
+        min_length=1,
+        description="GGUF weight types to write: f16, then quantized ones made from it (q8_0: 8-bit, q4_0: 4-bit).",
+    )
+
+    @field_validator("types")
+    @classmethod
+    def _f16_first(cls, types: list[str]) -> list[str]:
+        if types[0] != "f16" or len(set(types)) != len(types):
+            raise ValueError(f"list f16 first (the others are quantized from it), each type once: got {types}")
+        return types
+
+
+class GGUFSettings(Section):
+    """`gguf@<run>` stages: GGUF export with llama.cpp's converter, verified by generating with llama.cpp
+    (python -m stages.gguf; needs `make llama-cpp` once). Off by default: no runs."""
+
+    runs: dict[Name, GGUFRun] = Field(
+        default_factory=dict, description="Run name -> model and types; each is a gguf@<name> stage."
+    )
+    verify_examples: int = Field(
+        50, ge=1, le=100_000, description="Skill questions per skill (from the eval sets) each file answers with "
+        "greedy decoding, compared with transformers' answers."
+    )  # fmt: skip
+
+
 class HubSource(Section):
     """One snapshot of a Hugging Face hub repository: the hub@<name> stage fetches it into data/hub/<name>."""
 
@@ -831,11 +977,33 @@ class Params(Section):
     select: SelectSettings = Field(default_factory=SelectSettings)
     moe: MoESettings = Field(default_factory=MoESettings)
     mixture: MixtureSettings = Field(default_factory=MixtureSettings)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
+    qat: QATSettings = Field(default_factory=QATSettings)
+    quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
+    gguf: GGUFSettings = Field(default_factory=GGUFSettings)
+
+    def run_paths(self) -> dict[str, PathSetting]:
+        """The files and folders the optional runs (dpo, adapters, qat, quantize, gguf) name, by dotted key."""
+        named = {}
+        for name, run in self.dpo.runs.items():
+            named[f"dpo.runs.{name}.model"] = PathSetting(run.model)
+            named[f"dpo.runs.{name}.dataset"] = PathSetting(run.dataset, SFT_DATASET_SUFFIXES)
+            if run.eval_dataset:
+                named[f"dpo.runs.{name}.eval_dataset"] = PathSetting(run.eval_dataset, SFT_DATASET_SUFFIXES)
+        for section in ("adapters", "qat"):
+            for name, run in getattr(self, section).runs.items():
+                named[f"{section}.runs.{name}.dataset"] = PathSetting(run.dataset, SFT_DATASET_SUFFIXES)
+        for section in ("quantize", "gguf"):
+            for name, run in getattr(self, section).runs.items():
+                named[f"{section}.runs.{name}.model"] = PathSetting(run.model)
+        return named
 
     @model_validator(mode="after")
     def _hub_folders_named_exist(self) -> Params:
         used = {"finetune.base_model": self.finetune.base_model}
         used.update({f"finetune.experts.{name}.dataset": e.dataset for name, e in self.finetune.experts.items()})
+        used.update({key: setting.path for key, setting in self.run_paths().items()})
         for key, path in used.items():
             parts = Path(path).parts
             if parts[:2] == ("data", "hub") and (len(parts) < 3 or parts[2] not in self.hub):
@@ -1026,6 +1194,7 @@ def path_settings(params: Params, root: Path = PROJECT_ROOT) -> dict[str, PathSe
     for task, splits in params.eval.task_data.items():
         for split, path in splits.items():
             named[f"eval.task_data.{task}.{split}"] = PathSetting(path, TASK_DATA_SUFFIXES)
+    named.update(params.run_paths())
     return named
 
 
@@ -1063,6 +1232,7 @@ def data_stage_files(settings: DataSettings) -> dict[str, tuple[str, ...]]:
         "--corpus": tuple(f"{split}.jsonl" for split in CORPUS_SPLITS),
         "--sft": skills,
         "--eval": (*skills, "stories.jsonl"),
+        "--preference": tuple(f"{split}/{skill}" for split in ("train", "eval") for skill in skills),
     }
 
 

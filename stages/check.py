@@ -8,8 +8,8 @@ setting or input file stops the run before DVC deletes any stage's outputs to re
 cannot depend on dvc.yaml itself; a stage whose entry changed validates its own settings).
 It checks what `make check` does (pipeline/params.py: the settings, their declarations, the
 files they name) and the content of the user's input files that exist before the run
-(`check_input_files`); the files stages of the run make (data/sft, data/eval) are checked by
-the stages that read them.
+(`check_input_files`); the files stages of the run make (data/sft, data/eval, data/preference) are
+checked by the stages that read them.
 
 It also removes from the workspace the outputs of stages that no longer exist, such as the
 model and scores of a merge recipe taken out of params.yaml: they would otherwise stay inside
@@ -45,13 +45,18 @@ def check_input_files(params: Params, root: Path, stages: list[Any]) -> None:
     """Raise InputError naming each existing input file its reader would reject, and where."""
     from pipeline.sft import check_sft_dataset
     from stages.data import check_corpus_file
+    from stages.dpo import read_pairs
+
+    sft_datasets = ("finetune.experts.", "adapters.runs.", "qat.runs.")
 
     problems = []
     outputs = [Path(out.fs_path) for stage in stages for out in stage.outs]
     for key, path in existing_input_files(params, root, outputs).items():
         try:
-            if key.startswith("finetune.experts.") and key.endswith(".dataset"):
+            if key.startswith(sft_datasets) and key.endswith(".dataset"):
                 check_sft_dataset(path)
+            elif key.startswith("dpo.runs.") and key.endswith("dataset"):  # dataset, eval_dataset
+                read_pairs(path)
             elif key == "data.corpus.path":
                 check_corpus_file(path, params.data.corpus.text_field)
         except InputError as error:

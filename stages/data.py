@@ -1,6 +1,7 @@
 """`data` stage: the pretraining corpus, the SFT skill datasets and the held-out eval sets.
 
-    python -m stages.data --corpus data/corpus --sft data/sft --eval data/eval --metrics metrics/data.json
+    python -m stages.data --corpus data/corpus --sft data/sft --eval data/eval \
+        --preference data/preference --metrics metrics/data.json
 
 Outputs (all JSONL, one object per line):
 - corpus/{train,val,test}.jsonl  `{"text": ...}` documents; test is held-out text for perplexity.
@@ -9,10 +10,15 @@ Outputs (all JSONL, one object per line):
 - eval/<skill>.jsonl             `{"question", "answer", "choices", "label"}`: exact-answer and
                                  multiple-choice variants of the same held-out questions.
 - eval/stories.jsonl             `{"context", "endings", "label"}`: story completion, HellaSwag style.
+- preference/{train,eval}/<skill>.jsonl
+                                 `{"messages": [user question], "chosen": answer, "rejected": wrong answer}`
+                                 for DPO (axolotl's `type: chat_template.default`); eval pairs are the
+                                 eval questions with one of their own multiple-choice distractors.
 
 By default the corpus describes a small invented world generated from `data.seed` (same seed ->
 byte-identical files). `data.corpus.source` switches it to a local file or a hub dataset; the
-skill and eval sets are always generated, as nothing else supplies them.
+skill and eval sets are always generated, as nothing else supplies them. The preference pairs
+draw from a random stream of their own, so the other outputs are the same with or without them.
 """
 
 from __future__ import annotations
@@ -274,6 +280,35 @@ def skill_datasets(
     return sft_rows, eval_rows
 
 
+def preference_datasets(
+    skill: str, settings: SkillSettings, eval_rows: list[dict[str, Any]], rng: random.Random
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Preference pairs (a question, its answer chosen over a wrong one) for training and for eval.
+
+    The rejected answer is one of the multiple-choice distractors, picked at random: a near
+    number, a shuffled list, the smaller of the two. Eval pairs are the held-out eval questions
+    with one of their own distractors; training pairs are freshly drawn questions, never an eval
+    question, made the same way.
+    """
+    generate = SKILL_GENERATORS[skill]
+
+    def pair(question: str, answer: str, distractors: list[str]) -> dict[str, Any]:
+        rejected = rng.choice(distractors)
+        return {"messages": [{"role": "user", "content": question}], "chosen": answer, "rejected": rejected}
+
+    eval_pairs = [
+        pair(row["question"], row["answer"], [choice for choice in row["choices"] if choice != row["answer"]])
+        for row in eval_rows
+    ]
+    held_out = {row["question"] for row in eval_rows}
+    train_pairs: list[dict[str, Any]] = []
+    while len(train_pairs) < settings.train_examples:
+        question, answer, distractors = generate(rng, settings.choices - 1)
+        if question not in held_out:
+            train_pairs.append(pair(question, answer, distractors))
+    return train_pairs, eval_pairs
+
+
 def story_eval(n: int, n_endings: int, capitals: dict[str, str], rng: random.Random) -> list[dict[str, Any]]:
     rows = []
     for _ in range(n):
@@ -352,8 +387,10 @@ def split_documents(
     }
 
 
-def run(settings: DataSettings, corpus_dir: Path, sft_dir: Path, eval_dir: Path) -> dict[str, Any]:
-    """Write the three output folders; return summary counts."""
+def run(
+    settings: DataSettings, corpus_dir: Path, sft_dir: Path, eval_dir: Path, preference_dir: Path | None = None
+) -> dict[str, Any]:
+    """Write the output folders (the preference pairs only with preference_dir); return summary counts."""
     rng = random.Random(settings.seed)
     if settings.corpus.source == "synthetic":
         documents, capitals = synthetic_documents(settings.world, rng)
@@ -386,6 +423,19 @@ def run(settings: DataSettings, corpus_dir: Path, sft_dir: Path, eval_dir: Path)
         stories = story_eval(settings.story_eval_examples, settings.skills.choices, capitals, rng)
         write_jsonl(tmp / "stories.jsonl", stories)
         summary["eval/stories_examples"] = len(stories)
+    if preference_dir is not None:
+        # a stream of its own: drawing from `rng` would change every output written after this
+        # one (and adding it must not change the ones before); its counts follow from skills
+        # settings, so the summary (metrics/data.json) stays as it was
+        preference_rng = random.Random(f"{settings.seed}-preference")
+        with atomic_dir(preference_dir) as tmp:
+            for skill in settings.skills.names:
+                pairs = preference_datasets(skill, settings.skills, evals[skill], preference_rng)
+                for split, rows in zip(("train", "eval"), pairs, strict=True):
+                    (tmp / split).mkdir(exist_ok=True)
+                    write_jsonl(tmp / split / f"{skill}.jsonl", rows)
+        log.info("preference pairs: %d train and %d eval per skill", settings.skills.train_examples,
+                 settings.skills.eval_examples)  # fmt: skip
     log.info(
         "skills %s: %d SFT and %d eval rows each",
         ", ".join(settings.skills.names),
@@ -400,11 +450,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, required=True, help="output folder of the corpus splits")
     parser.add_argument("--sft", type=Path, required=True, help="output folder of the SFT skill sets")
     parser.add_argument("--eval", type=Path, required=True, help="output folder of the eval sets")
+    parser.add_argument("--preference", type=Path, help="output folder of the preference pairs (DPO)")
     parser.add_argument("--metrics", type=Path, required=True, help="summary JSON (a DVC metric)")
     args = parser.parse_args(argv)
     params = start("data")
     configure_environment(hub_access=params.data.corpus.source == "hub")
-    summary = run(params.data, args.corpus, args.sft, args.eval)
+    summary = run(params.data, args.corpus, args.sft, args.eval, args.preference)
     write_json(args.metrics, summary)
 
 

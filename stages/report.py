@@ -3,7 +3,7 @@
     python -m stages.report --eval-metrics metrics/eval --eval-raw metrics/eval_raw \
         --selection metrics/select.json \
         --curves pretrain=metrics/pretrain finetune=metrics/finetune mixture=metrics/mixture_finetune \
-        --routing metrics/routing --out metrics/report --headline metrics/headline.json
+        --routing metrics/routing --runs metrics/runs --out metrics/report --headline metrics/headline.json
 
 Inputs: metrics/eval/<kind>/<name>.json (each model's metrics; the folder is its kind, one of
 pipeline/kinds.py's MODEL_KINDS) and, from the same eval stage, metrics/eval_raw/<kind>/<name>/
@@ -218,6 +218,27 @@ def untrained_parent(model: Model, models: dict[str, Model]) -> str | None:
     return next((parent for parent in parents if parent in models and models[parent].items.get(POOLED)), None)
 
 
+def scored_parent(model: Model, models: dict[str, Model]) -> str | None:
+    """The first model of the lineage's parents that was evaluated on the skills."""
+    return next((p for p in model.lineage.get("parents", []) if p in models and models[p].items.get(POOLED)), None)
+
+
+def same_data_expert(model: Model, models: dict[str, Model]) -> str | None:
+    """The SFT expert trained on the same dataset as `model` (an adapter or QAT run), when evaluated."""
+    dataset = model.lineage.get("settings", {}).get("dataset")
+    experts = [m for m in models.values() if m.kind == "expert" and m.items.get(POOLED)]
+    return next((m.id for m in experts if dataset and m.lineage.get("settings", {}).get("dataset") == dataset), None)
+
+
+# The optional runs after SFT, each against what it should be judged by.
+AFTER_SFT_QUESTIONS = {
+    "dpo": ("vs_start", "DPO model vs the model it started from", scored_parent),
+    "quantized": ("vs_start", "Quantized model vs the model it quantizes", scored_parent),
+    "adapter": ("vs_expert", "Adapter-trained model vs the full fine-tune on the same data", same_data_expert),
+    "qat": ("vs_expert", "QAT expert vs the expert trained without it on the same data", same_data_expert),
+}
+
+
 def research_pairs(models: dict[str, Model]) -> list[Pair]:
     """The comparisons that answer the research question, each when both sides were evaluated."""
     trained = [model for model in models.values() if model.kind == "moe_trained" and model.items.get(POOLED)]
@@ -233,6 +254,11 @@ def research_pairs(models: dict[str, Model]) -> list[Pair]:
         if parent:
             question = "Trained MoE vs the untrained MoE it started from"
             pairs.append(Pair(f"vs_untrained/{model.name}", question, model.id, parent, True))
+    for model in models.values():
+        if model.kind in AFTER_SFT_QUESTIONS and model.items.get(POOLED):
+            key, question, other = AFTER_SFT_QUESTIONS[model.kind]
+            if b := other(model, models):
+                pairs.append(Pair(f"{key}/{model.id}", question, model.id, b, False))
     return pairs
 
 
@@ -368,7 +394,9 @@ def markdown_scores(models: dict[str, Model], metrics: list[str]) -> str:
     return markdown_table(["kind", "model", *metrics], rows, left=2)
 
 
-def leaderboard_markdown(models: dict[str, Model], tests: list[PairedTest], selection: dict | None) -> str:
+def leaderboard_markdown(
+    models: dict[str, Model], tests: list[PairedTest], selection: dict | None, runs: dict[str, Any] | None = None
+) -> str:
     findings = "\n".join(f"- {finding(test)}" for test in tests) or f"- {NO_PAIRS}"
     pairs = markdown_table(PAIR_COLUMNS, [pair_row(test) for test in tests], left=2)
     sections = [
@@ -378,9 +406,83 @@ def leaderboard_markdown(models: dict[str, Model], tests: list[PairedTest], sele
         f"otherwise).\n\n{markdown_scores(models, leaderboard_columns(models))}",
         selection_text(selection),
         f"## Paired tests\n\n{tests_description(tests)}\n\n{pairs}" if tests else "",
+        runs_markdown(runs or {}),
         f"## Every task/metric\n\n{markdown_scores(models, metric_names(models))}",
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
+
+
+# metrics/runs/<section>/<run>.json: the optional runs' own measurements, a table per section.
+RUN_SECTIONS = {
+    "dpo": "Preference tuning (DPO)",
+    "adapters": "Adapters (LoRA, LoHa, LoKr)",
+    "qat": "Quantization-aware training",
+    "quantize": "Post-training quantization",
+    "gguf": "GGUF export, checked in llama.cpp",
+}
+RUNS_INTRO = (
+    "What the optional runs measured themselves (their models' eval scores are in the leaderboard, and each is "
+    "compared with its start or its full fine-tune in the paired tests)."
+)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"q4_0": {"size": 1}} -> {"q4_0/size": 1}."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat = {}
+    for key, item in value.items():
+        flat.update(flatten(item, f"{prefix}/{key}" if prefix else str(key)))
+    return flat
+
+
+def load_runs(runs_dir: Path | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Section -> run name -> its flattened metrics, for the sections with runs."""
+    runs = {}
+    for section in RUN_SECTIONS:
+        folder = runs_dir / section if runs_dir else None
+        files = sorted(folder.glob("*.json")) if folder and folder.is_dir() else []
+        if files:
+            runs[section] = {path.stem: flatten(read_json(path, f"the {section} stage")) for path in files}
+    return runs
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def run_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per metric, one column per run (runs are few, metrics many)."""
+    keys = sorted({key for metrics in results.values() for key in metrics})
+    return [[key, *(format_value(metrics.get(key)) for metrics in results.values())] for key in keys]
+
+
+def runs_markdown(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
+    if not runs:
+        return ""
+    tables = [
+        f"### {RUN_SECTIONS[section]}\n\n{markdown_table(['metric', *results], run_rows(results))}"
+        for section, results in runs.items()
+    ]
+    return "\n\n".join(["## After SFT", RUNS_INTRO, *tables])
+
+
+def html_runs(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
+    if not runs:
+        return ""
+    tables = []
+    for section, results in runs.items():
+        heads = "".join(f"<th>{html.escape(name)}</th>" for name in results)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in run_rows(results)
+        )
+        tables.append(
+            f"<h3>{html.escape(RUN_SECTIONS[section])}</h3><div class='scroll'><table id='runs-{section}'>"
+            f"<thead><tr><th>metric</th>{heads}</tr></thead><tbody>{body}</tbody></table></div>"
+        )
+    return f"<h2>After SFT</h2><p>{html.escape(RUNS_INTRO)}</p>{''.join(tables)}"
 
 
 def lineage_sentence(lineage: dict[str, Any]) -> str:
@@ -653,7 +755,11 @@ pre { background: #f8f8f8; padding: 0.5rem; overflow-x: auto; }
 
 
 def html_report(
-    models: dict[str, Model], tests: list[PairedTest], images: list[Path], selection: dict[str, Any] | None
+    models: dict[str, Model],
+    tests: list[PairedTest],
+    images: list[Path],
+    selection: dict[str, Any] | None,
+    runs: dict[str, Any] | None = None,
 ) -> str:
     findings = "".join(f"<li>{inline_code(finding(test))}</li>" for test in tests) or f"<li>{NO_PAIRS}</li>"
     figures = "".join(
@@ -671,6 +777,7 @@ def html_report(
 <p id="selection">{inline_code(selection_text(selection))}</p>
 <details><summary>Every task/metric</summary>{html_scores(models, metric_names(models), "all-metrics")}</details>
 {html_pairs(tests)}
+{html_runs(runs or {})}
 <h2>Plots</h2>{figures}
 <h2>Models</h2>{html_models(models)}
 </body></html>
@@ -685,6 +792,7 @@ def run(
     headline_path: Path,
     selection_path: Path | None = None,
     routing_dir: Path | None = None,
+    runs_dir: Path | None = None,
 ) -> dict[str, float]:
     """Write the report and the headline metrics; return the headline."""
     models = load_models(eval_dir, raw_dir)
@@ -692,7 +800,10 @@ def run(
         raise InputError(f"no eval metrics in {eval_dir}: run the eval stages first")
     selection = json.loads(selection_path.read_text()) if selection_path else None
     tests = paired_tests(models, research_pairs(models))
-    write_text(out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection))
+    runs = load_runs(runs_dir)
+    trained = {section: runs_dir / section for section in ("dpo", "adapters", "qat") if section in runs}
+    curves = {**curves, **trained}  # the runs that train have curves too
+    write_text(out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection, runs))
     images = []
     # dvc.yaml declares every plot: one that does not apply (no `skills` task, no MoE) is a note saying why
     if skill_names(models):
@@ -708,7 +819,7 @@ def run(
         images.append(out_dir / "routing.png")
     else:
         plot_note("No routing shares: no MoE was trained.", out_dir / "routing.png")
-    write_text(out_dir / "index.html", html_report(models, tests, images, selection))
+    write_text(out_dir / "index.html", html_report(models, tests, images, selection, runs))
     # Model folders belong to the stages that made them, so the cards with eval results live here.
     for model in models.values():
         write_text(out_dir / "cards" / f"{model.id}.md", model_card(model))
@@ -735,12 +846,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curves", nargs="+", default=[], help="NAME=DVCLIVE_FOLDER of each training stage")
     parser.add_argument("--selection", type=Path, help="the select stage's JSON (merges chosen for the MoE)")
     parser.add_argument("--routing", type=Path, help="folder of the MoE stages' routing JSONs")
+    parser.add_argument("--runs", type=Path, help="folder of the optional runs' metrics (<section>/<run>.json)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--headline", type=Path, required=True, help="headline metrics JSON (a DVC metric)")
     args = parser.parse_args(argv)
     start("report")
     curves = {name: Path(path) for name, path in parse_pairs(args.curves, "--curves").items()}
-    run(args.eval_metrics, args.eval_raw, curves, args.out, args.headline, args.selection, args.routing)
+    run(args.eval_metrics, args.eval_raw, curves, args.out, args.headline, args.selection, args.routing, args.runs)
 
 
 if __name__ == "__main__":

@@ -368,6 +368,40 @@ ARC = {"eval__tasks": ["skills", "arc_easy"]}
             "pretrain.model.num_layers: Input should be less than or equal to 1024",
             id="absurd depth",
         ),
+        pytest.param(
+            {
+                "dpo__runs": {
+                    "x": {"model": "models/experts/addition", "dataset": "data/preference/train/additon.jsonl"}
+                }
+            },
+            "dpo.runs.x.dataset is 'data/preference/train/additon.jsonl'",
+            id="preference pairs typo",
+        ),
+        pytest.param(
+            {"quantize__runs": {"q": {"model": "models/experts/additon"}}},
+            "quantize.runs.q.model is 'models/experts/additon', which does not exist, and no stage produces it",
+            id="model to quantize typo",
+        ),
+        pytest.param(
+            {"gguf__runs": {"g": {"model": "models/experts/addition", "types": ["q4_0"]}}},
+            "gguf.runs.g.types: list f16 first",
+            id="gguf without f16",
+        ),
+        pytest.param(
+            {"adapters__runs": {"a": {"dataset": "data/sft/addition.jsonl", "method": "loha", "adapter": "lora"}}},
+            "set `method` (lora, loha or lokr), not `adapter`",
+            id="adapter run with an adapter",
+        ),
+        pytest.param(
+            {"qat__runs": {"a": {"dataset": "data/sft/addition.jsonl", "weight_dtype": "int2"}}},
+            "qat.runs.a.weight_dtype: Input should be 'int4' or 'int8'",
+            id="qat to an unknown type",
+        ),
+        pytest.param(
+            {"dpo__runs": {"x": {"model": "data/hub/dense", "dataset": "data/preference/train/addition.jsonl"}}},
+            "dpo.runs.x.model is 'data/hub/dense', but data/hub/<name> folders come from `hub` entries",
+            id="dpo from a hub folder without its entry",
+        ),
     ],
 )
 def test_check_refuses_settings_the_run_would_fail_on(project, updates, expected):
@@ -425,10 +459,11 @@ def test_the_data_stage_writes_the_files_check_expects(tmp_path):
         skills={"names": ["sorting", "counting"], "train_examples": 2, "eval_examples": 2},
         story_eval_examples=2,
     )
-    folders = {"--corpus": tmp_path / "corpus", "--sft": tmp_path / "sft", "--eval": tmp_path / "eval"}
-    run(settings, folders["--corpus"], folders["--sft"], folders["--eval"])
+    folders = {option: tmp_path / option.strip("-") for option in ("--corpus", "--sft", "--eval", "--preference")}
+    run(settings, folders["--corpus"], folders["--sft"], folders["--eval"], folders["--preference"])
     for option, files in data_stage_files(settings).items():
-        assert sorted(path.name for path in folders[option].iterdir()) == sorted(files), option
+        written = [path.relative_to(folders[option]).as_posix() for path in folders[option].rglob("*.*")]
+        assert sorted(written) == sorted(files), option
 
 
 def test_sft_dataset_types_are_the_ones_the_sft_code_reads():

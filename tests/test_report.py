@@ -279,3 +279,35 @@ def test_report_renders_in_a_real_browser(built, tmp_path):
     subprocess.run([browser, *flags, f"--screenshot={screenshot}", (built / "index.html").resolve().as_uri()],
                    capture_output=True, timeout=120)  # fmt: skip
     assert screenshot.stat().st_size > 20_000  # a page with pictures, not a blank one
+
+
+def test_runs_after_sft_are_compared_with_their_start_and_tabled(project):
+    """A DPO model is tested against the model it started from, an adapter-trained one against the expert
+    on the same data, and each optional run's own measurements (metrics/runs/<section>) get a table."""
+    LINEAGE["dpo/tuned"] = {"stage": "dpo@tuned", "parents": ["dense/mix"]}
+    LINEAGE["adapter/loha"] = {"stage": "adapter@loha", "parents": ["base/pretrain"], "settings": {"dataset": "a"}}
+    LINEAGE["expert/addition"] = {"stage": "finetune@addition", "parents": [], "settings": {"dataset": "a"}}
+    try:
+        write_model(project, "expert/addition", SCORES["expert/addition"])
+        write_model(project, "dpo/tuned", (90, 60, 60, 60))
+        write_model(project, "adapter/loha", (80, 0, 0, 0))
+    finally:
+        for model_id in ("dpo/tuned", "adapter/loha", "expert/addition"):
+            LINEAGE.pop(model_id)
+    runs = project / "runs"
+    (runs / "dpo").mkdir(parents=True)
+    (runs / "dpo" / "tuned.json").write_text(json.dumps({"preference": {"accuracy_start": 0.5, "accuracy": 0.9}}))
+    (runs / "gguf").mkdir()
+    (runs / "gguf" / "addition.json").write_text(json.dumps({"q4_0": {"agreement": 0.96}}))
+    build(project, runs_dir=runs)
+    text = (project / "out" / "leaderboard.md").read_text()
+    assert "DPO model vs the model it started from: `dpo/tuned` scores higher than `dense/mix`" in text
+    assert "Adapter-trained model vs the full fine-tune on the same data: `expert/addition` scores higher" in text
+    assert "### Preference tuning (DPO)\n\n| metric | tuned |" in text
+    assert "| preference/accuracy | 0.9 |" in text and "| q4_0/agreement | 0.96 |" in text
+    page = (project / "out" / "index.html").read_text()
+    assert "<table id='runs-gguf'>" in page and "<h2>After SFT</h2>" in page
+
+
+def test_without_runs_after_sft_the_report_has_no_such_section(built):
+    assert "After SFT" not in (built / "leaderboard.md").read_text()
