@@ -138,8 +138,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stage = f"adapter@{args.run}"
     params = start(stage)
-    if args.run not in params.adapters.runs:
-        raise InputError(f"adapters.runs has no run {args.run!r} (runs: {', '.join(params.adapters.runs) or 'none'})")
     adapter_run = params.adapters.runs[args.run]
     target = sft.Target("adapter", args.run, stage, f"adapters.runs.{args.run}", args.out, args.work, args.live)
     configure_environment()

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline import llama_cpp
 from pipeline.atomic import write_text
 from pipeline.dvc_lock import lock_stages
 from pipeline.params import PROJECT_ROOT, InputError, Params, check, existing_input_files, load_params, load_stages
@@ -143,7 +144,10 @@ def main() -> None:
         return
     report = check(PROJECT_ROOT)  # raises InputError naming every bad setting
     stages = load_stages(PROJECT_ROOT)  # for the two steps below (DVC takes about a second)
-    check_input_files(load_params(PROJECT_ROOT / "params.yaml"), PROJECT_ROOT, stages)
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    check_input_files(params, PROJECT_ROOT, stages)
+    if params.gguf.runs:  # llama.cpp is built apart (make llama-cpp): say so now, not after the training stages
+        llama_cpp.require()
     if args.out is None:
         print("params.yaml and the input files it names are valid; stages read:")
         print("\n".join(report))
