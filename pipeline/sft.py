@@ -514,13 +514,7 @@ def train(
         trained = trained / "merged"
 
     with atomic_dir(target.out_dir) as tmp:
-        for path in sorted(trained.iterdir()):
-            if (
-                path.name in MODEL_FILES
-                or path.suffix == ".safetensors"
-                or path.name.endswith(".safetensors.index.json")
-            ):
-                shutil.copy2(path, tmp / path.name)
+        copy_model_files(trained, tmp)
         if "model_config" in config:
             restore_model_config(tmp / "config.json", Path(base_model) / "config.json", config["model_config"])
         shutil.copy2(config_path, tmp / "axolotl.yaml")
@@ -534,6 +528,14 @@ def train(
     with atomic_path(target.live_dir) as tmp:
         shutil.move(work_live, tmp)
     return summary
+
+
+def copy_model_files(trained: Path, folder: Path) -> None:
+    """The model's own files of axolotl's output folder (weights, config, tokenizer), not its logs or
+    checkpoints: what makes an identical rerun give identical output hashes."""
+    for path in sorted(trained.iterdir()):
+        if path.name in MODEL_FILES or path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json"):
+            shutil.copy2(path, folder / path.name)
 
 
 def restore_model_config(config_path: Path, base_config_path: Path, overrides: dict[str, Any]) -> None:

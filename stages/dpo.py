@@ -314,9 +314,7 @@ def train(
     summary: dict[str, Any] = {**summarize(work_live), "data/pairs": len(pairs), "data/pairs_too_long": too_long,
                                "dpo/beta": beta}  # fmt: skip
     with atomic_dir(target.out_dir) as tmp:
-        for path in sorted(trained.iterdir()):
-            if path.name in sft.MODEL_FILES or path.suffix == ".safetensors" or path.name.endswith(".index.json"):
-                shutil.copy2(path, tmp / path.name)
+        sft.copy_model_files(trained, tmp)
         shutil.copy2(config_path, tmp / "axolotl.yaml")
         if eval_pairs:
             trained_scores = preference_scores(tmp, eval_pairs, device)

@@ -1,7 +1,8 @@
 """`qat@<run>` stage: one expert trained with quantization-aware training (axolotl's `qat:`, torchao).
 
     python -m stages.qat --run addition --base-model models/pretrain --out models/qat/addition \
-        --work models/.finetune_work/qat_addition --live metrics/qat/addition --metrics metrics/qat/addition.json
+        --work models/.finetune_work/qat_addition --live metrics/runs/qat/addition \
+        --metrics metrics/runs/qat/addition.json
 
 Trained like an expert (the settings resolve the same way: sft, finetune.defaults, then
 qat.runs.<run>; pipeline/sft.py does the training), except that axolotl swaps every linear layer

@@ -1,7 +1,7 @@
 """`quantize@<run>` stage: post-training quantization of one model's linear weights with torchao.
 
     python -m stages.quantize --run addition_int4 --out models/quantized/addition_int4 \
-        --metrics metrics/quantize/addition_int4.json
+        --metrics metrics/runs/quantize/addition_int4.json
 
 Every nn.Linear of the model except the output head (tied to the embeddings here) has its weight
 rounded to weight_dtype, symmetric, with one scale per group of group_size weights along each row
