@@ -878,7 +878,8 @@ QuantGroup = Annotated[int, Field(ge=1, le=65_536)]
 class QATRun(ExpertSettings):
     """One expert trained with quantization-aware training: axolotl fake-quantizes its linear weights."""
 
-    weight_dtype: QuantBits = Field("int4", description="The integer type the weights are fake-quantized to.")
+    # axolotl 0.19 fake-quantizes int4 weights only ("Int8WeightOnlyConfig is not supported by torchao QAT")
+    weight_dtype: Literal["int4"] = Field("int4", description="The integer type the weights are fake-quantized to.")
     group_size: QuantGroup = Field(32, description="Weights per quantization scale, along each row.")
 
 

@@ -38,11 +38,6 @@ def qat_config(run: QATRun, settings: SFTSettings, where: str) -> dict[str, Any]
     if settings.adapter in sft.LORA_ADAPTERS:
         raise InputError(f"{where}.adapter is {settings.adapter}; QAT trains the full weights (axolotl refuses "
                          "QAT with an adapter): leave adapter unset")  # fmt: skip
-    if run.weight_dtype != "int4":
-        # axolotl 0.19's get_quantization_config: "Int8WeightOnlyConfig is not supported by torchao QAT"
-        raise InputError(
-            f"{where}.weight_dtype is {run.weight_dtype}; axolotl's QAT trains int4 weights only: use int4"
-        )
     # weight-only: no activation_dtype; axolotl then fake-quantizes with torchao's Int4WeightFakeQuantizer
     qat = {"weight_dtype": run.weight_dtype, "group_size": run.group_size, "quantize_embedding": False}
     return {"qat": qat, "plugins": PLUGINS}

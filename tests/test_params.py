@@ -393,9 +393,9 @@ ARC = {"eval__tasks": ["skills", "arc_easy"]}
             id="adapter run with an adapter",
         ),
         pytest.param(
-            {"qat__runs": {"a": {"dataset": "data/sft/addition.jsonl", "weight_dtype": "int2"}}},
-            "qat.runs.a.weight_dtype: Input should be 'int4' or 'int8'",
-            id="qat to an unknown type",
+            {"qat__runs": {"a": {"dataset": "data/sft/addition.jsonl", "weight_dtype": "int8"}}},
+            "qat.runs.a.weight_dtype: Input should be 'int4'",
+            id="qat to int8, which axolotl cannot train",
         ),
         pytest.param(
             {"dpo__runs": {"x": {"model": "data/hub/dense", "dataset": "data/preference/train/addition.jsonl"}}},
