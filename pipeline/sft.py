@@ -17,6 +17,7 @@ machines the stage runs on each (PET_NODE_RANK 0, 1, ...); only the first writes
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import logging
@@ -424,6 +425,14 @@ class Target:
     out_dir: Path  # the model folder
     work_dir: Path  # axolotl's scratch folder, removed at the end
     live_dir: Path  # dvclive curves
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line paths of what an SFT stage writes (finetune, dense, moe_finetune, adapter, qat, dpo)."""
+    parser.add_argument("--out", type=Path, required=True, help="output model folder")
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder for axolotl's own outputs")
+    parser.add_argument("--live", type=Path, required=True, help="dvclive folder (curves)")
+    parser.add_argument("--metrics", type=Path, required=True, help="summary JSON (a DVC metric)")
 
 
 def run(

@@ -131,10 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="run name (a key of adapters.runs)")
     parser.add_argument("--base-model", required=True, help="model folder to start from")
-    parser.add_argument("--out", type=Path, required=True, help="output model folder")
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder for axolotl's own outputs")
-    parser.add_argument("--live", type=Path, required=True, help="dvclive folder (curves)")
-    parser.add_argument("--metrics", type=Path, required=True, help="summary JSON (a DVC metric)")
+    sft.add_output_arguments(parser)
     args = parser.parse_args(argv)
     stage = f"adapter@{args.run}"
     params = start(stage)
