@@ -526,6 +526,8 @@ def train(
         copy_model_files(trained, tmp)
         if "model_config" in config:
             restore_model_config(tmp / "config.json", Path(base_model) / "config.json", config["model_config"])
+        if config.get("merge_method") == "legacy":
+            restore_generation_config(tmp / "generation_config.json", Path(base_model))
         shutil.copy2(config_path, tmp / "axolotl.yaml")
         if deepspeed_config:  # the file axolotl.yaml names, beside it
             shutil.copy2(deepspeed_config, tmp / deepspeed_config.name)
@@ -560,6 +562,19 @@ def restore_model_config(config_path: Path, base_config_path: Path, overrides: d
         else:
             saved.pop(key, None)
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def restore_generation_config(saved: Path, base_model: Path) -> None:
+    """Undo axolotl's legacy merge (merge_and_unload, the adapters' LoHa/LoKr) turning sampling on
+    (`do_sample: true`): the model generates as its base does, like a model merged by axolotl's
+    default LoRA merge, which copies the base's file."""
+    base = base_model / "generation_config.json"
+    if base.is_file():
+        saved.write_text(base.read_text())
+    elif saved.is_file():
+        config = json.loads(saved.read_text())
+        config.pop("do_sample", None)
+        saved.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def summarize(live_dir: Path) -> dict[str, Any]:

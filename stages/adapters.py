@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline import sft
-from pipeline.atomic import write_json, write_text
+from pipeline.atomic import write_json
 from pipeline.params import InputError, SFTSettings, resolve_sft
 from pipeline.stage import configure_environment, start
 
@@ -93,18 +92,6 @@ def count_parameters(base_model: str, method: str, settings: SFTSettings) -> dic
     return {"params/trainable": trainable, "params/total": total, "params/trainable_share": round(trainable / total, 6)}
 
 
-def restore_generation_config(saved: Path, base_model: Path) -> None:
-    """Undo axolotl's legacy merge turning sampling on (`do_sample: true`): the model generates as its base
-    does, like an expert merged by axolotl's default LoRA merge, which copies the base's file."""
-    base = base_model / "generation_config.json"
-    if base.is_file():
-        write_text(saved, base.read_text())
-    elif saved.is_file():
-        config = json.loads(saved.read_text())
-        config.pop("do_sample", None)
-        write_text(saved, json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def run(
     method: str,
     settings: SFTSettings,
@@ -122,8 +109,6 @@ def run(
     summary = sft.run(settings, base_model, dataset, target, replay_text=replay_text,
                       extra_config=axolotl_keys(method, settings))  # fmt: skip
     log.info("%s: trained and merged in %.0f s", target.name, time.perf_counter() - began)  # a log, never an output
-    if method in PEFT_METHODS:
-        restore_generation_config(target.out_dir / "generation_config.json", Path(base_model))
     return {**summary, "method": method, **count_parameters(base_model, method, settings)}
 
 
