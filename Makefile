@@ -50,7 +50,8 @@ llama-cpp: install  ## llama.cpp for the gguf stage: built once (minutes) from a
 	$(BIN)/python -m pipeline.llama_cpp
 
 test: install browser  ## the test suite (CI runs it after lint: .ci/run); leaves out the `scale` tests
-	$(BIN)/python -m pytest
+	@# the 15 slowest tests close the output, so that a test growing slower shows in every CI log
+	$(BIN)/python -m pytest --durations=15
 
 test-scale: install llama-cpp  ## the real-scale stand-ins (phi3-moe on CPU, 2-process axolotl) and llama.cpp: minutes each, not in CI
 	$(BIN)/python -m pytest -m scale

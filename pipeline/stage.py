@@ -173,6 +173,10 @@ def exit_on_termination() -> None:
     temporaries are removed (pipeline/atomic.py) and axolotl is stopped (pipeline/sft.py)."""
 
     def stop(signum: int, _frame: Any) -> None:
+        # the stage is on its way out: a second signal (DVC's death and a teammate's kill, say) must
+        # not cut that clean-up short and leave a scratch folder behind
+        for other in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(other, signal.SIG_IGN)
         raise SystemExit(f"stopped by {signal.Signals(signum).name}")
 
     for signum in (signal.SIGTERM, signal.SIGHUP):

@@ -172,15 +172,15 @@ def leftovers(project: Path, *, scratch: bool = True) -> list[str]:
     return sorted(str(path.relative_to(project)) for path in found)
 
 
-# Long stages, the file whose appearance says the stage is mid-work, and how it is stopped:
-# SIGKILL of DVC and the stage (a crash, the OOM killer) or SIGINT to both (Ctrl-C).
+# One long stage per code path (SFT through axolotl, lm-eval, mergekit, mergekit-moe; the dense and
+# MoE training runs share the experts' pipeline/sft.py), the file whose appearance says the stage is
+# mid-work, and how it is stopped: SIGKILL of DVC and the stage (a crash, the OOM killer) or SIGINT
+# to both (Ctrl-C). The test after them kills DVC alone during an SFT run.
 KILLS = [
     ("finetune@addition", "models/.finetune_work/addition/axolotl.yaml", signal.SIGINT),
     ("eval_expert@addition", ".tmp/metrics__eval_raw__expert__addition.tmp-*", signal.SIGKILL),
     ("merge@ties", ".tmp/models__merged__ties.tmp-*", signal.SIGKILL),
     ("moe@merges", ".tmp/models__moe__merges.tmp-*", signal.SIGINT),
-    ("moe_finetune@router", "models/.finetune_work/moe_router/axolotl.yaml", signal.SIGKILL),
-    ("dense@multitask", "models/.finetune_work/dense_multitask/axolotl.yaml", signal.SIGINT),
 ]
 
 
@@ -247,36 +247,23 @@ def test_a_stage_dies_with_dvc_and_never_replaces_a_restored_output(project):
 
 LATIN_1 = '{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'.encode("latin-1")
 
+# One case per kind of bad input that plain `dvc repro` must stop at: a setting the schema refuses,
+# a setting that names a file no stage makes, and an input file that cannot be read. Every other
+# bad setting and file is tested in-process, where it costs no DVC run (tests/test_params.py,
+# test_bad_inputs.py, test_merge.py, test_moe.py).
 # name: (settings, files to write under the project, what the message must say)
 BAD_INPUTS = {
-    "out of range": ({"tokenize__vocab_size": 10}, {}, ["tokenize.vocab_size", "greater than or equal to 300"]),
     "unknown key": ({"pretrain__learning_rat": 0.1}, {}, ["pretrain.learning_rat", "unknown key", "learning_rate"]),
-    "wrong type": ({"finetune__defaults__learning_rate": "fast"}, {}, ["finetune.defaults.learning_rate"]),
-    "absurd steps": ({"pretrain__max_steps": 10**12}, {}, ["pretrain.max_steps", "less than or equal"]),
     "dataset typo": (
         {"finetune__experts__addition__dataset": "data/sft/additon.jsonl"},
         {},
         ["finetune.experts.addition.dataset", "additon.jsonl", "does not produce", "{addition,"],
-    ),
-    "dataset folder": ({"finetune__experts__addition__dataset": "data/sft"}, {}, ["finetune.experts.addition.dataset"]),
-    "missing local file": (
-        {"finetune__experts__addition__dataset": "data/local/mine.jsonl"},
-        {},
-        ["finetune.experts.addition.dataset", "data/local/mine.jsonl"],
-    ),
-    "empty local file": (
-        {"finetune__experts__addition__dataset": "data/local/empty.jsonl"},
-        {"data/local/empty.jsonl": b""},
-        ["data/local/empty.jsonl", "empty"],
     ),
     "not UTF-8": (
         {"finetune__experts__addition__dataset": "data/local/latin.jsonl"},
         {"data/local/latin.jsonl": LATIN_1},
         ["data/local/latin.jsonl", "line 1", "UTF-8"],
     ),
-    "unknown merge method": ({"merge__recipes__ties__method": "tiez"}, {}, ["merge.recipes.ties", "tiez"]),
-    "unknown MoE for a run": ({"mixture__moe_runs__router__moe": "nope"}, {}, ["mixture.moe_runs.router.moe", "nope"]),
-    "select more than merged": ({"select__top_k": 0}, {}, ["select.top_k"]),
 }
 
 
@@ -310,17 +297,18 @@ def test_after_bad_input_is_fixed_only_the_check_reruns(project):
 
 def test_removing_a_recipe_removes_its_outputs_from_what_later_stages_read(project):
     """The MoE depends on models/merged and the report on metrics/eval: a merge taken out of
-    params.yaml must not stay there (DVC's cache keeps it; putting the recipe back restores it)."""
+    params.yaml must not stay there. The check stage, which runs first, removes it; DVC's cache
+    keeps it, and putting the recipe back restores it instead of merging again."""
     params = (project / "params.yaml").read_text()
     before = workspace(project)
     linear = {"linear": {"method": "linear", "parameters": {"weight": 1.0}}}
     try:
         # the MoE takes the two experts meanwhile: one selected merge cannot route two per token
         set_params(project, merge__recipes=linear, select__top_k=1, moe__variants={"merges": {"source": "experts"}})
-        dvc(project, "repro")
+        assert stages_run(dvc(project, "repro", "check")) == {"check"}
         gone = ["models/merged/ties", "metrics/eval/merge/ties.json", "metrics/eval_raw/merge/ties"]
         assert not [path for path in gone if (project / path).exists()]
-        assert "merge/ties" not in (project / "metrics/report/leaderboard.md").read_text()
+        assert (project / "models/merged/linear/model.safetensors").is_file()
     finally:
         (project / "params.yaml").write_text(params)
     result = dvc(project, "repro")
@@ -359,52 +347,59 @@ def test_outputs_match_the_reference_hashes(project):
     assert not differ, f"outputs with other bytes than the reference on {machine_kind()}: {differ}"
 
 
-def test_another_clone_path_and_a_forced_rerun_give_the_same_bytes(project, tmp_path_factory):
-    """No output holds the checkout's path, a date or a timing: a clone elsewhere that computes
-    everything anew, and a forced rerun there, both reproduce the first clone's dvc.lock."""
+def test_another_clone_path_computes_the_same_bytes(project, tmp_path_factory):
+    """No output holds the checkout's path, a date or a timing, and no byte depends on the run: a
+    clone elsewhere that computes every stage anew reproduces the first clone's dvc.lock. (The
+    kill tests above also rerun single stages in place, with `-f`, to the same bytes.)"""
     first = lock_outputs(project)
     other = tmp_path_factory.mktemp("elsewhere") / "a" / "longer" / "path"
     sh(project, "git", "clone", "-q", str(project), str(other))
-    dvc(other, "repro")
+    assert stages_run(dvc(other, "repro")) >= {"pretrain", "finetune@addition", "moe_finetune@router", "report"}
     assert lock_outputs(other) == first
     # the volatile facts went to logs/, which nothing hashes
     assert json.loads((other / "logs/pretrain.json").read_text())["log"]
-    assert stages_run(dvc(other, "repro", "-f")) >= {"pretrain", "finetune@addition", "report"}
-    assert lock_outputs(other) == first
+
+
+def stale_after(project: Path, **settings: object) -> set[str]:
+    """The stages `dvc status` finds out of date once `settings` are set in params.yaml (then set
+    back): those whose own params or dependencies changed. What depends on their outputs reruns
+    after them only where those outputs' bytes change, which DVC decides by hash on `dvc repro`."""
+    params = (project / "params.yaml").read_text()
+    try:
+        set_params(project, **settings)
+        return set(json.loads(dvc(project, "status", "--json").stdout))
+    finally:
+        (project / "params.yaml").write_text(params)
 
 
 def test_changing_a_param_reruns_only_its_stages(project):
     # after every change to params.yaml the check stage runs first (stages/check.py), in seconds
-    evals = {"eval@pretrain", "eval_expert@addition", "eval_expert@counting", "report"}
-    evals |= {"eval_merge@linear", "eval_merge@ties", "select", "eval_moe@merges", "eval_moe_trained@router"}
-    evals |= {"eval_dense@multitask"}
-    # the selection file carries the scores: when they move, the MoE is rebuilt, to the same
-    # bytes, so its training never reruns
-    set_params(project, eval__limit=3)
-    assert stages_run(dvc(project, "repro")) - {"moe@merges"} == {"check", *evals}
+    evals = {"eval@pretrain", "eval_expert@addition", "eval_expert@counting", "eval_merge@linear", "eval_merge@ties"}
+    evals |= {"eval_moe@merges", "eval_moe_trained@router", "eval_dense@multitask"}
+    assert stale_after(project, eval__limit=3) == {"check", *evals}
 
-    # one expert's setting: that expert, its eval, the merges and what follows; never the other
-    # expert. The dense run reads the experts' dataset paths from finetune.experts, which DVC
-    # tracks as one param, so it reruns too, to the same bytes: its eval does not.
-    set_params(project, finetune__experts__addition__learning_rate=0.001)
-    expected = {"check", "finetune@addition", "eval_expert@addition", *MERGES, *MOE, "dense@multitask", "report"}
-    assert stages_run(dvc(project, "repro")) == expected
+    # one expert's setting: that expert, never the other. The merges, the MoE and both mixture runs
+    # read the experts' names and datasets from finetune.experts, which they declare whole, so they
+    # are stale too; their reruns give the same bytes, which stops the cascade there
+    every_experts_readers = {"merge@linear", "merge@ties", "moe@merges", "dense@multitask", "moe_finetune@router"}
+    expected = {"check", "finetune@addition", *every_experts_readers}
+    assert stale_after(project, finetune__experts__addition__learning_rate=0.001) == expected
 
-    # one recipe's parameter: that merge and what depends on it (both merges make the MoE)
-    set_params(project, merge__recipes__ties__parameters__density=0.7)
-    assert stages_run(dvc(project, "repro")) == {"check", "merge@ties", "eval_merge@ties", "select", *MOE, "report"}
+    # one recipe's parameter: that merge, and the stages that declare every recipe (select and the
+    # MoE read their names)
+    expected = {"check", "merge@ties", "select", "moe@merges"}
+    assert stale_after(project, merge__recipes__ties__parameters__density=0.7) == expected
 
-    # the MoE training run's setting: that run and its eval only
+    # the dense baseline's setting: that run only
+    assert stale_after(project, mixture__dense_runs__multitask__learning_rate=0.001) == {"check", "dense@multitask"}
+
+    # what reruns then follows the bytes: the MoE run's setting retrains that run, and its new
+    # weights rerun its eval and the report, nothing else
     set_params(project, mixture__moe_runs__router__learning_rate=0.001)
     assert stages_run(dvc(project, "repro")) == {"check", "moe_finetune@router", "eval_moe_trained@router", "report"}
 
-    # the dense baseline's setting: that run and its eval only
-    set_params(project, mixture__dense_runs__multitask__learning_rate=0.001)
-    assert stages_run(dvc(project, "repro")) == {"check", "dense@multitask", "eval_dense@multitask", "report"}
-
     # upstream settings: the stage itself reruns, and everything reading its output is then out
-    # of date (the expert's cascade above already ran through merges and MoE; from here on single
-    # targets are rerun, as a full cascade takes minutes)
+    # of date (single targets are rerun here, as a full cascade takes minutes)
     set_params(project, pretrain__learning_rate=0.002)
     assert stages_run(dvc(project, "repro", "pretrain")) == {"check", "pretrain"}
     status = dvc(project, "status").stdout
