@@ -380,7 +380,8 @@ def test_changing_a_param_reruns_only_its_stages(project):
 
     # one expert's setting: that expert, never the other. The merges, the MoE and both mixture runs
     # read the experts' names and datasets from finetune.experts, which they declare whole, so they
-    # are stale too; their reruns give the same bytes, which stops the cascade there
+    # are stale too (the dense run then retrains to the same bytes, which stops its cascade; the
+    # merges and the MoE change with the expert's weights in any case)
     every_experts_readers = {"merge@linear", "merge@ties", "moe@merges", "dense@multitask", "moe_finetune@router"}
     expected = {"check", "finetune@addition", *every_experts_readers}
     assert stale_after(project, finetune__experts__addition__learning_rate=0.001) == expected
