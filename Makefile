@@ -84,8 +84,7 @@ lock:  ## re-resolve requirements/lock.txt from requirements/requirements.in (ne
 	  | grep -vE '^(torch|cuda-bindings|cuda-pathfinder|cuda-toolkit|xformers|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx)[a-z0-9-]*)==' \
 	  > requirements/lock.txt
 
-clean:  ## remove generated outputs (not the venv, not the DVC cache)
-	rm -rf data/hub metrics/hub data/corpus data/sft data/eval data/tokens models/tokenizer models/pretrain models/pretrain_checkpoints \
-	  models/experts models/merged models/moe models/dense models/moe_trained models/.finetune_work metrics/*.json \
-	  metrics/pretrain metrics/pretrain_samples.md metrics/finetune metrics/dense metrics/moe_finetune metrics/routing \
-	  metrics/eval metrics/eval_raw metrics/report logs .tmp
+clean: install  ## remove generated outputs, as dvc.yaml declares them (not the venv, not the DVC cache, not git's files)
+	@# tools/dvc_outputs.py derives the paths from dvc.yaml and dvc.lock: every stage's outputs, the
+	@# optional runs' folders, the folders commands write besides (--work, --live, logs); --dry-run lists them
+	$(BIN)/python -m tools.dvc_outputs

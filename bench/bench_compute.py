@@ -34,7 +34,7 @@ from bench.bench_pretrain import (
     print_comparison,
     run_settings,
 )
-from pipeline.params import load_params
+from pipeline.settings.params_file import load_params
 
 
 def same_bytes(runs: list[dict]) -> str:

@@ -20,7 +20,9 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from pipeline import sft
-from pipeline.params import PROJECT_ROOT, load_params, resolve_sft
+from pipeline.settings.base import PROJECT_ROOT
+from pipeline.settings.params_file import load_params
+from pipeline.settings.sft import resolve_sft
 from pipeline.stage import configure_environment
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.dvc_lock import lock_outputs
-from pipeline.params import PROJECT_ROOT
+from pipeline.settings.base import PROJECT_ROOT
 
 TARGET_SECONDS = 900  # the default experiment in a quarter of an hour (after the install)
 BIN = Path(sys.executable).parent

@@ -39,15 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.params import (
-    PROJECT_ROOT,
-    ComputeSettings,
-    ModelSettings,
-    PretrainSettings,
-    TokenizeSettings,
-    WorldSettings,
-    load_params,
-)
+from pipeline.settings.base import PROJECT_ROOT
+from pipeline.settings.compute import ComputeSettings
+from pipeline.settings.data import WorldSettings
+from pipeline.settings.params_file import load_params
+from pipeline.settings.pretrain import ModelSettings, PretrainSettings
+from pipeline.settings.tokenize import TokenizeSettings
 from pipeline.stage import configure_compute, configure_environment
 from stages import data, tokenize
 

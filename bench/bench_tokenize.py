@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.params import load_params
+from pipeline.settings.params_file import load_params
 from stages import data, tokenize
 
 REPEATS = 5

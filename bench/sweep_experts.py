@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 from pipeline import sft
-from pipeline.params import PROJECT_ROOT, load_params, resolve_sft
+from pipeline.settings.base import PROJECT_ROOT
+from pipeline.settings.params_file import load_params
+from pipeline.settings.sft import resolve_sft
 from pipeline.stage import configure_environment
 
 

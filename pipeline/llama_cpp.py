@@ -46,7 +46,7 @@ from types import ModuleType
 from typing import Any
 
 from pipeline.atomic import dumps_json
-from pipeline.params import InputError
+from pipeline.settings.base import InputError
 
 log = logging.getLogger("pipeline.llama_cpp")
 

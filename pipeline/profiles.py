@@ -5,7 +5,7 @@
     python -m stages.check --profile gpu-small    # validate them offline; params.yaml untouched
 
 profiles/<name>.yaml holds only the keys that differ from params.yaml (tiny.yaml is empty: the
-default experiment). The merge follows the schema (pipeline/params.py): a section (a pydantic
+default experiment). The merge follows the schema (pipeline/settings/): a section (a pydantic
 model: `sft`, `data.corpus`, `finetune.defaults`, ...) merges key by key; everything else is
 replaced whole: named collections (`hub`, `finetune.experts`, `merge.recipes`, `moe.variants`,
 `mixture.moe_runs`, `eval.task_data`, ...), lists and single values. So a profile that names its
@@ -34,7 +34,8 @@ from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 
 from pipeline.atomic import write_text
-from pipeline.params import PROJECT_ROOT, InputError, Params, ParamsError, format_validation_error
+from pipeline.settings.base import PROJECT_ROOT, InputError, ParamsError, format_validation_error
+from pipeline.settings.params_file import Params
 
 PROFILES_DIR = "profiles"
 DEFAULT_PROFILE = "tiny"
@@ -198,7 +199,7 @@ def validate(params: dict, source: str) -> Params:
     try:
         return Params.model_validate(params)
     except ValidationError as error:
-        raise ParamsError(format_validation_error(error, source)) from None
+        raise ParamsError(format_validation_error(error, source, Params)) from None
 
 
 def committed_params(root: Path = PROJECT_ROOT) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.params import InputError
+from pipeline.settings.base import InputError
 
 
 def text_lines(path: Path) -> Iterator[tuple[int, str]]:

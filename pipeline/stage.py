@@ -12,7 +12,8 @@ import sys
 import warnings
 from typing import Any
 
-from pipeline.params import PROJECT_ROOT, ComputeSettings, InputError, load_stage_params
+from pipeline.settings.base import PROJECT_ROOT, InputError
+from pipeline.settings.stage_view import load_stage_params
 
 log = logging.getLogger("pipeline")
 
@@ -85,7 +86,7 @@ def configure_threads(setting: int | None) -> int:
     return threads
 
 
-def configure_compute(settings: ComputeSettings) -> None:
+def configure_compute(settings: Any) -> None:  # the `compute` section (pipeline/settings/compute.py)
     """Fix the CPU kernels and thread count for this process and the ones it starts (axolotl).
 
     torch, MKL and oneDNN read these variables once, at their first operation: this must run

@@ -2,7 +2,7 @@
 merged into a plain model at the end.
 
     python -m stages.adapters --run addition_loha --base-model models/pretrain \
-        --out models/adapters/addition_loha --work models/.finetune_work/adapter_addition_loha \
+        --out models/adapters/addition_loha --work .tmp/adapter_addition_loha \
         --live metrics/runs/adapters/addition_loha --metrics metrics/runs/adapters/addition_loha.json
 
 A run's settings resolve as an expert's do (`sft`, then finetune.defaults, then the run's own), and it
@@ -34,7 +34,8 @@ from typing import Any
 
 from pipeline import sft
 from pipeline.atomic import write_json
-from pipeline.params import InputError, SFTSettings, resolve_sft
+from pipeline.settings.base import InputError
+from pipeline.settings.sft import SFTSettings, resolve_sft
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.adapters")

@@ -1,12 +1,12 @@
 """`check` stage: validate everything before any stage runs; remove outputs of removed stages.
 
-    python -m stages.check --out data/params_checked.txt
+    python -m stages.check --out data/params_checked.txt --roster data/roster.json
 
 Every other stage depends on this one's output, so `dvc repro` (whichever command started it)
 runs the check first whenever params.yaml, data/local or the check's code changed, and a bad
 setting or input file stops the run before DVC deletes any stage's outputs to rerun it (DVC
 cannot depend on dvc.yaml itself; a stage whose entry changed validates its own settings).
-It checks what `make check` does (pipeline/params.py: the settings, their declarations, the
+It checks what `make check` does (pipeline/planner.py: the settings, their declarations, the
 files they name) and the content of the user's input files that exist before the run
 (`check_input_files`); the files stages of the run make (data/sft, data/eval, data/preference) are
 checked by the stages that read them.
@@ -16,8 +16,10 @@ model and scores of a merge recipe taken out of params.yaml: they would otherwis
 folders that later stages depend on (models/merged, metrics/eval) and that the report reads.
 They stay in DVC's cache, so bringing the recipe back restores them without recomputing.
 
-The output says only that the check passed: always the same bytes, so a rerun of the check
-never reruns the stages after it.
+The stamp says only that the check passed: always the same bytes, so a rerun of the check
+never reruns the stages after it. The roster (pipeline/roster.py: the experts' and merges' names,
+the experts' datasets) changes only when those do: the stages that need names depend on it
+instead of on every expert's settings.
 """
 
 from __future__ import annotations
@@ -33,8 +35,14 @@ from typing import Any
 
 from pipeline import llama_cpp
 from pipeline.atomic import write_text
+from pipeline.corpus import check_corpus_file
 from pipeline.dvc_lock import lock_stages
-from pipeline.params import PROJECT_ROOT, InputError, Params, check, existing_input_files, load_params, load_stages
+from pipeline.planner import check, existing_input_files, load_stages
+from pipeline.preference import read_pairs
+from pipeline.roster import roster_json, roster_of
+from pipeline.settings.base import PROJECT_ROOT, InputError
+from pipeline.settings.params_file import Params, load_params
+from pipeline.sft import check_sft_dataset
 from pipeline.stage import report_input_errors, setup_logging
 
 log = logging.getLogger("stages.check")
@@ -44,10 +52,6 @@ PASSED = "params.yaml, dvc.yaml and the input files they name passed the checks 
 
 def check_input_files(params: Params, root: Path, stages: list[Any]) -> None:
     """Raise InputError naming each existing input file its reader would reject, and where."""
-    from pipeline.sft import check_sft_dataset
-    from stages.data import check_corpus_file
-    from stages.dpo import read_pairs
-
     sft_datasets = ("finetune.experts.", "adapters.runs.", "qat.runs.")
 
     problems = []
@@ -126,7 +130,8 @@ def profile_project(name: str, root: Path) -> Iterator[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="the stage's output; without it (`make check`), only validate")
+    parser.add_argument("--out", type=Path, help="the stage's stamp; without it (`make check`), only validate")
+    parser.add_argument("--roster", type=Path, help="where to write the roster (with --out)")
     parser.add_argument("--profile", help="validate profiles/<name>.yaml over params.yaml instead (params.yaml is "
                         "not written); for `make check PROFILE=<name>`")  # fmt: skip
     args = parser.parse_args()
@@ -154,6 +159,8 @@ def main() -> None:
         return
     log.info("settings and input files are valid")
     remove_stale_outputs(stages, PROJECT_ROOT)
+    if args.roster:
+        write_text(args.roster, roster_json(roster_of(params)))
     write_text(args.out, PASSED)
 
 

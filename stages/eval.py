@@ -43,11 +43,19 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json
+from pipeline.eval_sets import (
+    SKILL_FIELDS,
+    STORY_FIELDS,
+    TEXT_FIELDS,
+    chat_prompt_around_question,
+    check_eval_set,
+    skill_names,
+)
 from pipeline.kinds import MODEL_KINDS
 from pipeline.lineage import LINEAGE_FILE
 from pipeline.lineage import model_id as lineage_id
-from pipeline.params import DEFAULT_CHAT_TEMPLATE, EMBEDDED_TASKS, EvalSettings, InputError
-from pipeline.records import json_records, open_parquet
+from pipeline.settings.base import InputError
+from pipeline.settings.eval import EMBEDDED_TASKS, EvalSettings
 from pipeline.stage import configure_environment, resolve_device, start, use_bf16
 
 log = logging.getLogger("stages.eval")
@@ -61,14 +69,6 @@ CHOICE_METRICS = [
     {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
     {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
 ]
-# The fields each embedded task reads from every row of its eval set (the data stage writes them).
-SKILL_FIELDS = ("question", "answer", "choices", "label")
-STORY_FIELDS = ("context", "endings", "label")
-TEXT_FIELDS = ("text",)
-
-
-# Stands for the question while the chat template renders a prompt, which is then split around it.
-QUESTION_MARKER = "QUESTION_MARKER"
 
 
 def question_prompt(settings: EvalSettings, model_dir: Path) -> str:
@@ -81,24 +81,6 @@ def question_prompt(settings: EvalSettings, model_dir: Path) -> str:
 
     prefix, suffix = chat_prompt_around_question(AutoTokenizer.from_pretrained(model_dir))
     return prefix + "{{question}}" + suffix
-
-
-def chat_prompt_around_question(tokenizer: Any) -> tuple[str, str]:
-    """The text the tokenizer's chat template writes before and after a user's question, up to
-    where the answer starts; a tokenizer without a template (a hub base model) gets the project's
-    default. The leading BOS is left out: lm-eval adds it as a token (add_bos_token)."""
-    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
-    question = [{"role": "user", "content": QUESTION_MARKER}]
-    text = tokenizer.apply_chat_template(question, chat_template=template, tokenize=False, add_generation_prompt=True)
-    if tokenizer.bos_token:
-        text = text.removeprefix(tokenizer.bos_token)
-    prefix, marker, suffix = text.partition(QUESTION_MARKER)
-    if not marker:
-        raise InputError(
-            f"the chat template of {tokenizer.name_or_path} does not write the user's message; "
-            "set eval.apply_chat_template or give the tokenizer a template that does"
-        )
-    return prefix, suffix
 
 
 # lm-eval's results keys that differ between identical runs (the date, the project's git commit,
@@ -190,13 +172,6 @@ def perplexity_task_config(path: Path) -> dict[str, Any]:
     }
 
 
-def skill_names(eval_dir: Path) -> list[str]:
-    skills = sorted(p.stem for p in eval_dir.glob("*.jsonl") if p.stem != "stories")
-    if not skills:
-        raise InputError(f"eval.tasks has 'skills' but {eval_dir} holds no <skill>.jsonl eval sets")
-    return skills
-
-
 def eval_set_files(settings: EvalSettings, eval_dir: Path, corpus_dir: Path) -> dict[Path, tuple[str, ...]]:
     """The local files the tasks in settings.tasks read -> the fields each of their rows needs
     (none for a standard task's own JSON files: lm-eval's task YAML names them)."""
@@ -212,38 +187,13 @@ def eval_set_files(settings: EvalSettings, eval_dir: Path, corpus_dir: Path) -> 
     return files
 
 
-def check_eval_set(path: Path, fields: tuple[str, ...]) -> None:
-    """Raise InputError unless `path` is a UTF-8 JSON Lines file of at least one object, each with `fields`
-    (or a parquet file of task data with at least one row).
-
-    lm-eval fails on an empty set with an UnboundLocalError, on a bad one with a byte offset."""
-    if not path.is_file():
-        state = "a folder" if path.is_dir() else "missing"
-        raise InputError(f"eval set {path} is {state}; it must be a {path.suffix or '.jsonl'} file "
-                         "(rerun the stage that makes it)")  # fmt: skip
-    if path.suffix == ".parquet":  # task data: its columns are the task's business; the rows, from the footer
-        if not open_parquet(path).metadata.num_rows:
-            raise InputError(f"eval set {path} has no rows")
-        return
-    valid = "one JSON object per line" + (f", each with {', '.join(fields)}" if fields else "")
-    rows = 0
-    for where, row in json_records(path):
-        if not isinstance(row, dict):
-            raise InputError(f"eval set {path} {where} is not a JSON object; write {valid}")
-        if missing := [field for field in fields if field not in row]:
-            raise InputError(f"eval set {path} {where} lacks {missing}; write {valid}")
-        rows += 1
-    if not rows:
-        raise InputError(f"eval set {path} has no rows; write {valid}")
-
-
 def check_eval_sets(settings: EvalSettings, eval_dir: Path, corpus_dir: Path) -> None:
     """Every eval set the tasks in settings.tasks read, checked before lm-eval starts (cheap: one pass each)."""
     for path, fields in eval_set_files(settings, eval_dir, corpus_dir).items():
         check_eval_set(path, fields)
 
 
-# The `datasets` loader lm-eval reads each kind of eval.task_data file with (pipeline/params.py
+# The `datasets` loader lm-eval reads each kind of eval.task_data file with (pipeline/settings/base.py
 # TASK_DATA_SUFFIXES lists the same suffixes: a test checks).
 TASK_DATA_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

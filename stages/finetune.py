@@ -1,7 +1,7 @@
 """`finetune@<expert>` stage: one SFT expert, trained by axolotl from a generated config.
 
     python -m stages.finetune --expert addition --base-model models/pretrain \
-        --out models/experts/addition --work models/.finetune_work/addition \
+        --out models/experts/addition --work .tmp/addition \
         --live metrics/finetune/addition --metrics metrics/finetune/addition.json
 
 The expert's settings are the shared `sft` ones, with finetune.defaults' and then
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import sft
 from pipeline.atomic import write_json
-from pipeline.params import resolve_sft
+from pipeline.settings.sft import resolve_sft
 from pipeline.stage import configure_environment, start
 
 

@@ -38,8 +38,10 @@ import numpy as np
 
 from pipeline import llama_cpp
 from pipeline.atomic import atomic_dir, write_json
+from pipeline.eval_sets import SKILL_FIELDS, chat_prompt_around_question, check_eval_set, skill_names
 from pipeline.lineage import json_block, model_card, model_id
-from pipeline.params import GGUFRun, InputError
+from pipeline.settings.base import InputError
+from pipeline.settings.gguf import GGUFRun
 from pipeline.stage import RunFailed, configure_environment, start, thread_count
 from pipeline.stats import mcnemar_exact, proportion
 
@@ -164,8 +166,6 @@ def tensor_types(path: Path) -> dict[str, int]:
 
 def read_questions(eval_dir: Path, examples: int) -> list[Question]:
     """The first `examples` questions of each skill's eval set (data/eval/<skill>.jsonl)."""
-    from stages.eval import SKILL_FIELDS, check_eval_set, skill_names
-
     questions = []
     for skill in skill_names(eval_dir):
         path = eval_dir / f"{skill}.jsonl"
@@ -179,8 +179,6 @@ def read_questions(eval_dir: Path, examples: int) -> list[Question]:
 def prompt_texts(model_dir: Path, questions: list[Question]) -> list[str]:
     """Each question in the prompt the eval stage writes: the chat template around it, without the BOS."""
     from transformers import AutoTokenizer
-
-    from stages.eval import chat_prompt_around_question
 
     prefix, suffix = chat_prompt_around_question(AutoTokenizer.from_pretrained(model_dir))
     return [prefix + question.question + suffix for question in questions]

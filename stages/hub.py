@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.params import HubSource, InputError
+from pipeline.settings.base import InputError
+from pipeline.settings.hub import HubSource
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.hub")

@@ -1,21 +1,21 @@
 """`dense@<run>` and `moe_finetune@<run>` stages: a model trained by axolotl on the experts' SFT mixture.
 
-    python -m stages.mixture_finetune --kind dense --run multitask --start models/pretrain \
-        --out models/dense/multitask --work models/.finetune_work/dense_multitask \
+    python -m stages.mixture_finetune --kind dense --run multitask --start models/pretrain --mixture data/mixture \
+        --out models/dense/multitask --work .tmp/dense_multitask \
         --live metrics/dense/multitask --metrics metrics/dense/multitask.json
-    python -m stages.mixture_finetune --kind moe --run experts --start models/moe/experts \
-        --out models/moe_trained/experts --work models/.finetune_work/moe_experts \
+    python -m stages.mixture_finetune --kind moe --run experts --start models/moe/experts --mixture data/mixture \
+        --out models/moe_trained/experts --work .tmp/moe_experts \
         --live metrics/moe_finetune/experts --metrics metrics/moe_finetune/experts.json \
         --eval-sets data/eval --routing metrics/routing/moe_trained/experts.json
 
-Every run draws the same mixture: mixture.rows rows of the experts' datasets in the proportions
-of mixture.weights (seeded), trained with the shared `sft` settings, mixture.defaults' overrides
-and the run's own, through pipeline/sft.py, the experts' code path. `dense` runs start from
-finetune.base_model (the step-matched dense baseline); `moe` runs from a moe.variants MoE, in
-their mode: full (every weight), router (only the routers' gate weights, through axolotl's
-`unfrozen_parameters`) or lora (LoRA on the attention projections, merged at the end), with the
-router load-balancing loss when mixture.router_aux_loss_coef > 0. A run without a mode follows
-the `adapter` setting (lora or qlora: lora, none: full); the lora mode keeps qlora's 4-bit model.
+Every run trains on the same rows, the mixture stage's (stages/mixture.py), with the shared `sft`
+settings, mixture.defaults' overrides and the run's own, through pipeline/sft.py, the experts'
+code path. `dense` runs start from finetune.base_model (the step-matched dense baseline); `moe`
+runs from a moe.variants MoE, in their mode: full (every weight), router (only the routers' gate
+weights, through axolotl's `unfrozen_parameters`) or lora (LoRA on the attention projections,
+merged at the end), with the router load-balancing loss when mixture.router_aux_loss_coef > 0. A
+run without a mode follows the `adapter` setting (lora or qlora: lora, none: full); the lora mode
+keeps qlora's 4-bit model.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
 from pipeline import sft
 from pipeline.atomic import write_json
-from pipeline.params import MixtureSettings, MoERun, SFTSettings, resolve_sft
+from pipeline.mixture import MIXTURE_COUNTS, MIXTURE_ROWS
 from pipeline.routing import routing_metrics
+from pipeline.settings.mixture import MixtureSettings, MoERun
+from pipeline.settings.sft import SFTSettings, resolve_sft
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.mixture_finetune")
@@ -38,31 +39,6 @@ log = logging.getLogger("stages.mixture_finetune")
 # transformers' Mixtral names each layer's router `model.layers.<i>.mlp.gate`; axolotl escapes
 # every '.' of the pattern itself (so they are written plain here)
 ROUTER_PARAMETERS = r"^model.layers.\d+.mlp.gate.weight$"
-
-
-def write_mixture(settings: MixtureSettings, datasets: dict[str, Path], seed: int, out: Path) -> dict[str, int]:
-    """Draw the training mixture into `out` (jsonl); return rows per expert."""
-    from datasets import load_dataset
-
-    weights = settings.weights or dict.fromkeys(datasets, 1.0)
-    total = sum(weights.values())
-    counts = {name: round(settings.rows * weight / total) for name, weight in weights.items() if weight > 0}
-    rng = random.Random(seed)
-    rows: list[dict[str, Any]] = []
-    for name, count in counts.items():
-        path = datasets[name]
-        messages = load_dataset(sft.dataset_format(path), data_files=str(path), split="train")["messages"]
-        # with replacement only when the mixture asks for more rows than the dataset has
-        picks = (
-            rng.sample(range(len(messages)), count)
-            if count <= len(messages)
-            else rng.choices(range(len(messages)), k=count)
-        )
-        rows.extend({"messages": messages[i]} for i in picks)
-    rng.shuffle(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return counts
 
 
 def run_mode(run: MoERun, settings: SFTSettings) -> str:
@@ -95,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kind", choices=("dense", "moe"), required=True, help="a dense run or a MoE run")
     parser.add_argument("--run", required=True, help="a key of mixture.dense_runs or mixture.moe_runs")
     parser.add_argument("--start", required=True, help="the model folder to train")
+    parser.add_argument("--mixture", type=Path, required=True, help="the mixture stage's folder")
     sft.add_output_arguments(parser)
     parser.add_argument("--eval-sets", type=Path, help="moe: held-out questions, for the routing shares")
     parser.add_argument("--routing", type=Path, help="moe: JSON of skill -> layer -> share per expert")
@@ -110,17 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         where, kind = f"mixture.moe_runs.{args.run}", "moe_trained"
         run = settings.moe_runs[args.run]
         sft_settings, extra_config = mode_settings(run, defaults), mode_config(run, settings)
-    datasets = {name: Path(expert.dataset) for name, expert in params.finetune.experts.items()}
     configure_environment()
-    mixture = args.work.parent / f"{args.work.name}_mixture.jsonl"
-    counts = write_mixture(settings, datasets, sft_settings.seed, mixture)
+    mixture, counts = args.mixture / MIXTURE_ROWS, json.loads((args.mixture / MIXTURE_COUNTS).read_text())
     log.info("training mixture: %s", ", ".join(f"{n} {c}" for n, c in counts.items()))
     target = sft.Target(kind, args.run, stage, where, args.out, args.work, args.live)
-    try:
-        summary = sft.run(sft_settings, args.start, mixture, target, replay_text=Path(params.finetune.replay_text),
-                          extra_config=extra_config)  # fmt: skip
-    finally:  # whichever way the run ends, like axolotl's work folder
-        mixture.unlink()
+    summary = sft.run(sft_settings, args.start, mixture, target, replay_text=Path(params.finetune.replay_text),
+                      extra_config=extra_config)  # fmt: skip
     if not summary:  # another machine of a several-machine run: the first one writes the outputs
         return
     summary.update({f"mixture/{name}": count for name, count in counts.items()})

@@ -27,8 +27,10 @@ from ruamel.yaml import YAML
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.lineage import json_block, model_id, write_lineage
 from pipeline.lineage import model_card as card_layout
-from pipeline.params import ExpertPrompts, InputError, MoESettings, MoEVariant
+from pipeline.roster import Roster, read_roster
 from pipeline.routing import EXPERT_NAMES, routing_metrics
+from pipeline.settings.base import InputError
+from pipeline.settings.moe import ExpertPrompts, MoESettings, MoEVariant
 from pipeline.sft import dataset_format
 from pipeline.stage import RunFailed, configure_environment, resolve_device, start
 
@@ -146,17 +148,14 @@ configuration is `mergekit_moe.yaml`."""
 
 
 def variant_sources(
-    variant: MoEVariant, params: Any, selection: Path, merged: Path, experts: Path, base_model: str
+    variant: MoEVariant, roster: Roster, selection: Path, merged: Path, experts: Path, base_model: str
 ) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(source name -> model folder, source name -> the SFT experts it stems from) of one variant."""
-    all_experts = list(params.finetune.experts)
     if variant.source == "selected_merges":
         selected = json.loads(selection.read_text())["selected"]
-        recipes = params.merge.recipes
-        return ({name: str(merged / name) for name in selected},
-                {name: recipes[name].experts or all_experts for name in selected})  # fmt: skip
+        return {name: str(merged / name) for name in selected}, {name: roster.merges[name] for name in selected}
     if variant.source == "experts":
-        names = variant.experts or all_experts
+        names = variant.experts or list(roster.experts)
         return {name: str(experts / name) for name in names}, {name: [name] for name in names}
     return {f"copy_{i}": base_model for i in range(variant.num_experts)}, {}
 
@@ -164,6 +163,7 @@ def variant_sources(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", required=True, help="a key of moe.variants")
+    parser.add_argument("--roster", type=Path, required=True, help="the check stage's roster (experts, merges)")
     parser.add_argument("--selection", type=Path, required=True, help="the select stage's JSON")
     parser.add_argument("--merged", type=Path, required=True, help="folder of the merged model folders")
     parser.add_argument("--experts", type=Path, required=True, help="folder of the expert model folders")
@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     shared = {name: getattr(params.moe, name) for name in MoESettings.model_fields if name != "variants"}
     settings = MoESettings(variants={args.variant: params.moe.variants[args.variant]}, **shared)
     variant = settings.variants[args.variant]
-    datasets = {name: Path(expert.dataset) for name, expert in params.finetune.experts.items()}
-    sources, parents = variant_sources(variant, params, args.selection, args.merged, args.experts, args.base_model)
+    roster = read_roster(args.roster)
+    datasets = {name: Path(dataset) for name, dataset in roster.experts.items()}
+    sources, parents = variant_sources(variant, roster, args.selection, args.merged, args.experts, args.base_model)
     configure_environment()
     routed_by_prompts = settings.gate_mode in ("hidden", "cheap_embed")
     prompts = expert_prompts(settings, sources, parents, datasets) if routed_by_prompts else {}

@@ -20,7 +20,8 @@ Outputs (rank 0 writes them):
   tracks it, so it neither makes the stage look changed after an experiment nor keeps the stage
   out of the run-cache (a `persist` output would do both).
 - live/: dvclive curves (train loss, lr, grad norm; val loss, perplexity, accuracy), written as
-  training goes.
+  training goes into a temporary folder (pipeline/atomic.py, under .tmp/) that replaces live/ once
+  the model is written: a killed run never leaves half-written curves under the final name.
 - samples: greedy and sampled generations at step 0 and at the end, as markdown.
 - metrics: final summary JSON.
 - timing (--timing, optional): tokens/s and MFU per log interval. Timings differ on every run, so
@@ -30,7 +31,8 @@ Outputs (rank 0 writes them):
 schedule; torch's RNG seeded, then drawn for the weights and the peak-FLOPs benchmark) ->
 `resume` (the newest matching checkpoint, RNG state included) -> `open_curves` -> `fit` (the
 step-0 samples and evaluation, then `train_step` per optimizer step and `after_step` to log,
-evaluate, sample and checkpoint on schedule) -> `summarize` -> `write_outputs`. One `Trainer`
+evaluate, sample and checkpoint on schedule) -> `summarize` -> `write_outputs`, the last four
+inside `curves_folder` (the curves' temporary, moved to live/ at the end). One `Trainer`
 holds the run's state. A loss or gradient norm that stops being finite ends the run with
 TrainingDiverged (printed as one `error:` line), naming the last good checkpoint.
 """
@@ -59,7 +61,8 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json, write_text
 from pipeline.lineage import json_block, model_card, write_lineage
-from pipeline.params import InputError, ModelSettings, PretrainSettings
+from pipeline.settings.base import InputError
+from pipeline.settings.pretrain import ModelSettings, PretrainSettings
 from pipeline.stage import RunFailed, configure_environment, resolve_device, start, use_bf16
 
 log = logging.getLogger("stages.pretrain")
@@ -756,12 +759,18 @@ def replay_history(live: Any, history: list[dict[str, Any]]) -> None:
             live.log_metric(name, value)
 
 
-def open_curves(trainer: Trainer) -> None:
-    """Start the dvclive curves on rank 0 with every record logged so far (a resumed run's)."""
+def curves_folder(trainer: Trainer) -> contextlib.AbstractContextManager[Path | None]:
+    """Rank 0's temporary curves folder, which replaces live_dir when the run ends well (a resumed
+    run writes its curves afresh from the checkpoint's history); None on the other ranks."""
+    return atomic_dir(trainer.outputs.live_dir) if trainer.dist.is_main else contextlib.nullcontext(None)
+
+
+def open_curves(trainer: Trainer, folder: Path | None) -> None:
+    """Start the dvclive curves in `folder` (rank 0's) with every record logged so far (a resumed run's)."""
     from pipeline.curves import curve_logger
 
-    if trainer.dist.is_main:
-        trainer.live = curve_logger(trainer.outputs.live_dir)
+    if folder is not None:
+        trainer.live = curve_logger(folder)
         replay_history(trainer.live, trainer.history)
 
 
@@ -962,10 +971,11 @@ def run(
     """Train (or resume), write every output on rank 0, and return the summary metrics."""
     trainer = set_up(settings, tokens_dir, tokenizer_dir, outputs, dist or init_distributed())
     resume(trainer)
-    open_curves(trainer)
-    fit(trainer)
-    summary = summarize(trainer)
-    write_outputs(trainer, summary)
+    with curves_folder(trainer) as curves:
+        open_curves(trainer, curves)
+        fit(trainer)
+        summary = summarize(trainer)
+        write_outputs(trainer, summary)
     return summary
 
 

@@ -1,7 +1,7 @@
 """`qat@<run>` stage: one expert trained with quantization-aware training (axolotl's `qat:`, torchao).
 
     python -m stages.qat --run addition --base-model models/pretrain --out models/qat/addition \
-        --work models/.finetune_work/qat_addition --live metrics/runs/qat/addition \
+        --work .tmp/qat_addition --live metrics/runs/qat/addition \
         --metrics metrics/runs/qat/addition.json
 
 Trained like an expert (the settings resolve the same way: sft, finetune.defaults, then
@@ -26,7 +26,9 @@ from typing import Any
 
 from pipeline import sft
 from pipeline.atomic import write_json
-from pipeline.params import InputError, QATRun, SFTSettings, resolve_sft
+from pipeline.settings.base import InputError
+from pipeline.settings.qat import QATRun
+from pipeline.settings.sft import SFTSettings, resolve_sft
 from pipeline.stage import configure_environment, start
 
 # The plugins of every SFT run (pipeline/sft.py's axolotl_config) and this stage's: the list replaces it.
@@ -45,7 +47,7 @@ def qat_config(run: QATRun, settings: SFTSettings, where: str) -> dict[str, Any]
 
 def check_base_model(base_model: str, run: QATRun, where: str) -> None:
     """group_size must divide the input size of every fake-quantized layer (before axolotl starts)."""
-    from stages.quantize import check_group_size, model_skeleton
+    from pipeline.quantization import check_group_size, model_skeleton  # imported here: torch (seconds)
 
     if not (Path(base_model) / "config.json").is_file():
         return  # a hub id or a missing folder: the finetune checks and axolotl say so

@@ -37,7 +37,9 @@ import torch
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.lineage import json_block, model_id, write_lineage
 from pipeline.lineage import model_card as card_layout
-from pipeline.params import InputError, QuantizeRun
+from pipeline.quantization import check_group_size, model_skeleton, quantized_linears
+from pipeline.settings.base import InputError
+from pipeline.settings.quantize import QuantizeRun
 from pipeline.sft import MODEL_FILES
 from pipeline.stage import configure_environment, start
 
@@ -46,35 +48,6 @@ log = logging.getLogger("stages.quantize")
 BITS = {"int4": 4, "int8": 8}
 FP8_ROW_SCALE_FLOOR = 1e-12  # as Int4WeightFakeQuantizer (torchao 0.17)
 INT4_SCALE_FLOOR = 1e-6  # as Int4WeightFakeQuantizer (torchao 0.17)
-
-
-def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The layers this stage quantizes, by name: every nn.Linear but the output head."""
-    head = model.get_output_embeddings()
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head}  # fmt: skip
-
-
-def check_group_size(model: torch.nn.Module, group_size: int, where: str) -> None:
-    """Raise InputError unless group_size divides the input size of every layer to quantize
-    (works on a meta-device model: nothing is computed)."""
-    sizes = sorted({layer.in_features for layer in quantized_linears(model).values()})
-    if not sizes:
-        raise InputError(f"{where}: the model has no linear layer to quantize (besides its output head)")
-    if any(size % group_size for size in sizes):
-        divisors = [d for d in range(1, sizes[0] + 1) if all(size % d == 0 for size in sizes)]
-        raise InputError(
-            f"{where}.group_size is {group_size}, which does not divide every linear layer's input size "
-            f"({', '.join(map(str, sizes))}); use one of {', '.join(map(str, divisors[-6:]))}"
-        )
-
-
-def model_skeleton(folder: Path) -> torch.nn.Module:
-    """The model of `folder` on the meta device (no weights read): for checks before work."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
 
 
 def quantize_weight(

@@ -49,7 +49,7 @@ from pipeline.atomic import atomic_path, write_json, write_text
 from pipeline.kinds import MODEL_KINDS
 from pipeline.lineage import json_block
 from pipeline.lineage import model_card as card_layout
-from pipeline.params import InputError
+from pipeline.settings.base import InputError
 from pipeline.stage import start
 from pipeline.stats import discordant_counts, holm, mcnemar_exact, proportion
 

@@ -28,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.params import InputError, TokenizeSettings
+from pipeline.settings.base import InputError
+from pipeline.settings.tokenize import TokenizeSettings
 from pipeline.stage import configure_environment, start
 
 log = logging.getLogger("stages.tokenize")

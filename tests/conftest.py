@@ -6,14 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.params import (
-    DataSettings,
-    ModelSettings,
-    PretrainSettings,
-    SkillSettings,
-    TokenizeSettings,
-    WorldSettings,
-)
+from pipeline.settings.data import DataSettings, SkillSettings, WorldSettings
+from pipeline.settings.pretrain import ModelSettings, PretrainSettings
+from pipeline.settings.tokenize import TokenizeSettings
 from pipeline.stage import configure_environment
 from stages import data, pretrain, tokenize
 

@@ -83,7 +83,7 @@ TINY_SIZES = {
 
 def training_texts(seed: int) -> list[str]:
     """Local text only: the project's synthetic world corpus and chat-style questions."""
-    from pipeline.params import WorldSettings
+    from pipeline.settings.data import WorldSettings
     from stages.data import synthetic_documents
 
     rng = random.Random(seed)

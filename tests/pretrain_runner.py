@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.params import PretrainSettings  # noqa: E402
+from pipeline.settings.pretrain import PretrainSettings  # noqa: E402
 from pipeline.stage import configure_environment  # noqa: E402
 from stages import pretrain  # noqa: E402
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from pipeline.params import PROJECT_ROOT, ParamsError, load_params
+from pipeline.settings.base import PROJECT_ROOT, ParamsError
+from pipeline.settings.params_file import load_params
 
 BIN = Path(sys.executable).parent
 Completed = subprocess.CompletedProcess

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import sft
-from pipeline.params import InputError, SFTSettings
+from pipeline.settings.base import InputError
+from pipeline.settings.sft import SFTSettings
 from stages import adapters
 
 # the experts' tiny settings (tests/test_finetune.py) at a small rank

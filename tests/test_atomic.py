@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.atomic import SCRATCH, atomic_dir, atomic_path, write_text
-from pipeline.params import PROJECT_ROOT
+from pipeline.settings.base import PROJECT_ROOT
 
 
 @pytest.fixture()

@@ -16,17 +16,13 @@ import torch
 
 from pipeline import sft
 from pipeline.lineage import write_lineage
-from pipeline.params import (
-    PROJECT_ROOT,
-    CorpusSettings,
-    DataSettings,
-    EvalSettings,
-    InputError,
-    MergeRecipe,
-    SFTSettings,
-    SkillSettings,
-    load_params,
-)
+from pipeline.roster import roster_json, roster_of
+from pipeline.settings.base import PROJECT_ROOT, InputError
+from pipeline.settings.data import CorpusSettings, DataSettings, SkillSettings
+from pipeline.settings.eval import EvalSettings
+from pipeline.settings.merge import MergeRecipe
+from pipeline.settings.params_file import load_params
+from pipeline.settings.sft import SFTSettings
 from stages import data, merge, pretrain
 from stages import eval as evaluation
 from tests.conftest import TINY_PRETRAIN, outputs_in
@@ -75,7 +71,17 @@ def assert_names(raised: pytest.ExceptionInfo, path: Path, expected: str) -> Non
 def test_stage_processes_print_bad_input_as_one_error_line(tmp_path):
     evals, recipe = tmp_path / "eval", next(iter(load_params().merge.recipes))
     evals.mkdir()
-    select = ["stages.select", "--eval-metrics", str(evals), "--out", str(tmp_path / "select.json")]
+    roster = tmp_path / "roster.json"
+    roster.write_text(roster_json(roster_of(load_params())))
+    select = [
+        "stages.select",
+        "--roster",
+        str(roster),
+        "--eval-metrics",
+        str(evals),
+        "--out",
+        str(tmp_path / "select.json"),
+    ]
     report = ["stages.report", "--eval-metrics", str(evals), "--eval-raw", str(tmp_path / "raw"),
               "--out", str(tmp_path / "report"), "--headline", str(tmp_path / "headline.json")]  # fmt: skip
     for command, expected in (
@@ -85,7 +91,7 @@ def test_stage_processes_print_bad_input_as_one_error_line(tmp_path):
         result = subprocess.run([sys.executable, "-m", *command], cwd=PROJECT_ROOT, capture_output=True, text=True)
         assert (result.returncode, result.stderr.splitlines()[-1]) == (1, expected), result.stderr
         assert "Traceback" not in result.stderr
-    assert [path.name for path in tmp_path.iterdir()] == ["eval"]  # neither stage wrote an output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval", "roster.json"]  # neither stage wrote an output
 
 
 # SFT datasets (pipeline/sft.py, behind finetune, dense and the MoE runs)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.params import CorpusSettings, DataSettings, SkillSettings, WorldSettings
+from pipeline.settings.data import CorpusSettings, DataSettings, SkillSettings, WorldSettings
 from stages import data
 from tests.conftest import TINY_DATA
 

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pipeline import sft
-from pipeline.params import InputError, SFTSettings
+from pipeline.preference import read_pairs
+from pipeline.settings.base import InputError
+from pipeline.settings.sft import SFTSettings
 from stages import data, dpo
 from tests.conftest import TINY_DATA
 from tests.test_data import correct_answer, output_files, read_jsonl
@@ -113,7 +115,7 @@ def test_bad_preference_rows_are_refused_before_axolotl_starts(tmp_path):
     with pytest.raises(InputError, match=r"pairs.jsonl line 2: rejected is missing.*\"chosen\": \"\.\.\.\""):
         dpo.run(TINY_DPO, 0.1, "unused", path, None, target)
     with pytest.raises(InputError, match="does not exist"):
-        dpo.read_pairs(tmp_path / "missing.jsonl")
+        read_pairs(tmp_path / "missing.jsonl")
     assert not (tmp_path / "work").exists()
 
 
@@ -134,5 +136,5 @@ def test_hub_pairs_in_trls_explicit_prompt_shape_are_read_like_the_projects(tmp_
     row = {"prompt": question, "chosen": [{"role": "assistant", "content": "9"}],
            "rejected": [{"role": "assistant", "content": "3"}]}  # fmt: skip
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist([row]), path)
-    pairs, column = dpo.read_pairs(path)
+    pairs, column = read_pairs(path)
     assert column == "prompt" and pairs == [(question, "9", "3")]

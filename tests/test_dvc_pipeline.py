@@ -153,22 +153,22 @@ def test_second_repro_does_nothing(project):
 
 def workspace(project: Path) -> dict[str, str]:
     """sha256 of every file the pipeline made or recorded: data/, models/ (checkpoints too),
-    metrics/ and dvc.lock; not the check stage's stamp, which DVC removes before rerunning it,
-    nor axolotl's scratch folder (see `leftovers`)."""
+    metrics/ and dvc.lock; not the check stage's stamp and roster, which DVC removes before
+    rerunning it (not cached)."""
     files = [project / "dvc.lock", *(p for top in ("data", "models", "metrics") for p in (project / top).rglob("*"))]
     return {
         str(path.relative_to(project)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in files
-        if path.is_file() and path.name != "params_checked.txt" and ".finetune_work" not in path.parts
+        if path.is_file() and path.name not in ("params_checked.txt", "roster.json")
     }
 
 
 def leftovers(project: Path, *, scratch: bool = True) -> list[str]:
     """Temporaries beside any output; with `scratch`, also those in the scratch folders no stage
-    depends on: .tmp/ and axolotl's work folders (models/.finetune_work)."""
+    depends on: .tmp/, axolotl's work folders included."""
     found = [p for top in ("data", "models", "metrics") for p in (project / top).rglob("*.tmp-*")]
     if scratch:
-        found += [*(project / "models/.finetune_work").glob("*"), *(project / ".tmp").glob("*")]
+        found += [*(project / ".tmp").glob("*")]
     return sorted(str(path.relative_to(project)) for path in found)
 
 
@@ -177,7 +177,7 @@ def leftovers(project: Path, *, scratch: bool = True) -> list[str]:
 # mid-work, and how it is stopped: SIGKILL of DVC and the stage (a crash, the OOM killer) or SIGINT
 # to both (Ctrl-C). The test after them kills DVC alone during an SFT run.
 KILLS = [
-    ("finetune@addition", "models/.finetune_work/addition/axolotl.yaml", signal.SIGINT),
+    ("finetune@addition", ".tmp/addition/axolotl.yaml", signal.SIGINT),
     ("eval_expert@addition", ".tmp/metrics__eval_raw__expert__addition.tmp-*", signal.SIGKILL),
     ("merge@ties", ".tmp/models__merged__ties.tmp-*", signal.SIGKILL),
     ("moe@merges", ".tmp/models__moe__merges.tmp-*", signal.SIGINT),
@@ -236,7 +236,7 @@ def test_a_stage_dies_with_dvc_and_never_replaces_a_restored_output(project):
     nothing overwrites what the next `dvc repro` restores."""
     before = workspace(project)
     process = start_dvc(project, "repro", "-f", "-s", "finetune@counting")
-    wait_for(project, "models/.finetune_work/counting/axolotl.yaml", process)
+    wait_for(project, ".tmp/counting/axolotl.yaml", process)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert group_gone(process.pid, timeout=30), "the stage or axolotl went on without DVC"

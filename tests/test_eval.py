@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.params import EvalSettings, InputError, ParamsError, load_params
+from pipeline.settings.base import InputError, ParamsError
+from pipeline.settings.eval import EvalSettings
+from pipeline.settings.params_file import load_params
 from stages import eval as evaluation
 
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import sft
-from pipeline.params import PROJECT_ROOT, InputError, SFTSettings
+from pipeline.settings.base import PROJECT_ROOT, InputError
+from pipeline.settings.sft import SFTSettings
 from pipeline.stage import RunFailed
 
 # replay_rows=0: the SFT rows alone (the default mixes in pretraining passages, tested on their own below)
@@ -115,8 +116,10 @@ def test_lora_adapter_is_merged_into_a_full_model_and_replay_rows_join_the_sft_r
     config = YAML(typ="safe").load((tmp_path / "out" / "axolotl.yaml").read_text())
     sft_rows, replay = config["datasets"]
     assert sft_rows["type"] == "chat_template"
-    assert replay == {"path": str(tmp_path / "work" / "replay.jsonl"), "ds_type": "json", "type": "completion",
-                      "field": "text"}  # fmt: skip
+    # the saved copy names the scratch work folder (deleted by now) by a placeholder, not by its path
+    assert replay == {"path": "<work>/replay.jsonl", "ds_type": "json", "type": "completion", "field": "text"}
+    assert (config["output_dir"], config["dataset_prepared_path"]) == ("<work>/output", "<work>/prepared")
+    assert str(tmp_path / "work") not in (tmp_path / "out" / "axolotl.yaml").read_text()
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert "model.safetensors" in names and not any("adapter" in n for n in names)
     merged = load_file(tmp_path / "out" / "model.safetensors")
@@ -189,7 +192,10 @@ def test_cpu_config_has_the_settings_cpu_needs():
     assert (config["bf16"], config["fp16"], config["attn_implementation"]) == (False, False, "sdpa")
     assert len(config["datasets"]) == 1  # no replay dataset unless asked for
     assert not any(config[k] for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"))
-    assert config["roles_to_train"] == ["assistant"] and config["save_strategy"] == "no"
+    assert config["save_strategy"] == "no"
+    # axolotl reads which tokens get the loss per dataset entry (a top-level key is ignored)
+    assert {"roles_to_train", "train_on_eos"}.isdisjoint(config)
+    assert (config["datasets"][0]["roles_to_train"], config["datasets"][0]["train_on_eos"]) == (["assistant"], "turn")
 
 
 def test_gpu_profile_config_passes_axolotls_own_validation():
@@ -204,6 +210,9 @@ def test_gpu_profile_config_passes_axolotls_own_validation():
     assert validated.adapter == "lora" and validated.sample_packing is True
     assert validated.pad_to_multiple_of == settings.pad_to_multiple_of == 8
     assert [d.type for d in validated.datasets] == ["chat_template", "completion"]
+    # the answer-only loss keys reach the chat rows; the replay rows keep the loss on every token
+    assert (validated.datasets[0].roles_to_train, validated.datasets[0].train_on_eos) == (["assistant"], "turn")
+    assert (validated.datasets[1].roles_to_train, validated.datasets[1].train_on_eos) == (None, None)
 
 
 def test_parquet_datasets_and_their_checks(tiny_tokenized, tmp_path):

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pipeline import llama_cpp
-from pipeline.params import GGUFRun, InputError
+from pipeline.settings.base import InputError
+from pipeline.settings.gguf import GGUFRun
 from stages import gguf
 from tests.project import params_error
 

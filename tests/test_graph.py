@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.params import PROJECT_ROOT, Params, load_params, stage_files, stage_params
+from pipeline.settings.base import PROJECT_ROOT
+from pipeline.settings.params_file import Params, load_params
+from pipeline.settings.stage_view import stage_files, stage_params
 
 # Command-line values that are neither inputs nor outputs: scratch folders a stage empties
 # itself, pretrain's resumable checkpoints (see dvc.yaml), the logs of volatile facts (timings)
@@ -45,7 +47,7 @@ def module_file(name: str) -> Path | None:
     """The project's file for module `name` (e.g. pipeline.sft), or None outside the project."""
     path = PROJECT_ROOT / Path(*name.split("."))
     for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file() and candidate.parent.name in ("stages", "pipeline"):
+        if candidate.is_file() and candidate.relative_to(PROJECT_ROOT).parts[0] in ("stages", "pipeline"):
             return candidate
     return None
 
@@ -69,7 +71,7 @@ def project_imports(module: str) -> set[Path]:
                 pending.append(node.module)
                 pending += [f"{node.module}.{alias.name}" for alias in node.names]  # from pipeline import sft
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-                named = re.fullmatch(r"((?:stages|pipeline)\.\w+)(\.\w+)*", node.value)
+                named = re.fullmatch(r"((?:stages|pipeline)(?:\.settings)?\.\w+)(\.\w+)*", node.value)
                 pending += [named.group(1)] if named else []
     return {path for path in found if path.name != "__init__.py" or not docstring_only(path)}
 
@@ -83,11 +85,20 @@ def command_module(stage: Any) -> str:
     return module
 
 
+def stage_code(stage: Any) -> set[Path]:
+    """The project files a stage executes: its module's imports, and the schema of every params
+    section it declares (pipeline/settings/stage_view.py imports pipeline/settings/<section>.py by
+    name), with theirs."""
+    sections = {key.split(".")[0] for key in stage_params(stage)}
+    modules = [command_module(stage), *(f"pipeline.settings.{section}" for section in sections)]
+    return set().union(*(project_imports(module) for module in modules))
+
+
 def test_every_module_a_stage_runs_is_a_dependency(stages):
     problems = []
     for stage in stages:
         declared = {path for path in files(stage) if path.suffix == ".py"}
-        needed = project_imports(command_module(stage))
+        needed = stage_code(stage)
         for path in sorted(needed - declared):
             problems.append(f"{stage.addressing}: imports {path.relative_to(PROJECT_ROOT)}, not in its deps")
         for path in sorted(declared - needed):
@@ -99,7 +110,7 @@ def test_import_derivation_follows_function_level_imports_and_plugin_names():
     """The derivation itself: merge imports mergekit inside a function (not ours), the SFT stages
     reach the axolotl plugin only through its name in the generated config."""
     finetune = {path.name for path in project_imports("stages.finetune")}
-    assert {"finetune.py", "sft.py", "axolotl_dvclive.py", "curves.py", "stage.py", "params.py"} <= finetune
+    assert {"finetune.py", "sft.py", "axolotl_dvclive.py", "curves.py", "stage.py", "stage_view.py"} <= finetune
     assert "eval.py" not in finetune and "__init__.py" not in finetune
 
 
@@ -151,6 +162,7 @@ def test_torch_stages_declare_the_compute_settings(stages):
         without_torch = (
             "stages.check",
             "stages.data",
+            "stages.mixture",
             "stages.tokenize",
             "stages.select",
             "stages.report",

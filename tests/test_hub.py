@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from pipeline.params import ParamsError, check
+from pipeline.planner import check
+from pipeline.settings.base import ParamsError
 from tests.project import commit_all, copy_project, dvc, set_params, stages_run
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from pipeline.params import PROJECT_ROOT
+from pipeline.settings.base import PROJECT_ROOT
 
 TASK = PROJECT_ROOT / "launch" / "skypilot.yaml"
 

@@ -10,7 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.lineage import write_lineage
-from pipeline.params import MERGE_METHODS, InputError, MergeRecipe, SelectSettings, load_params
+from pipeline.settings.base import InputError
+from pipeline.settings.merge import MERGE_METHODS, MergeRecipe
+from pipeline.settings.params_file import load_params
+from pipeline.settings.select import SelectSettings
 from stages import merge
 from stages.select import select
 from tests.project import params_error

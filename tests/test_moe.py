@@ -11,9 +11,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from pipeline import sft
 from pipeline.lineage import write_lineage
-from pipeline.params import InputError, MixtureSettings, MoERun, MoESettings, MoEVariant, Params, SFTSettings
+from pipeline.roster import roster_of
 from pipeline.routing import EXPERT_NAMES, routing_fractions
-from stages import mixture_finetune, moe
+from pipeline.settings.base import InputError
+from pipeline.settings.mixture import MixtureSettings, MoERun
+from pipeline.settings.moe import MoESettings, MoEVariant
+from pipeline.settings.params_file import Params
+from pipeline.settings.sft import SFTSettings
+from stages import mixture, mixture_finetune, moe
 from tests.project import params_error
 
 
@@ -29,7 +34,7 @@ def copies_moe(tiny_pretrained, tmp_path_factory):
     base = str(tiny_pretrained[1] / "model")
     out = tmp_path_factory.mktemp("moe") / "moe"
     settings = MoESettings(variants={"upcycled": MoEVariant(source="base", num_experts=3)}, gate_mode="random")
-    sources, _ = moe.variant_sources(settings.variants["upcycled"], Params(), None, None, None, base)
+    sources, _ = moe.variant_sources(settings.variants["upcycled"], roster_of(Params()), None, None, None, base)
     return build_moe(settings, "upcycled", sources, out)
 
 
@@ -73,7 +78,7 @@ def test_moe_folder_names_its_kind_and_its_sources(copies_moe, tiny_pretrained, 
         (experts / name / "lineage.json").unlink()
         write_lineage(experts / name, "expert", name, f"finetune@{name}", ["base/pretrain"], {})
     settings = MoESettings(variants={"btx": MoEVariant(source="experts", experts=["sorting", "addition"])})
-    sources, parents = moe.variant_sources(settings.variants["btx"], Params(), None, None, experts, "unused")
+    sources, parents = moe.variant_sources(settings.variants["btx"], roster_of(Params()), None, None, experts, "unused")
     assert sources == {"sorting": str(experts / "sorting"), "addition": str(experts / "addition")}
     assert parents == {"sorting": ["sorting"], "addition": ["addition"]}
     lineage = json.loads((build_moe(settings, "btx", sources, tmp_path / "btx") / "lineage.json").read_text())
@@ -89,7 +94,7 @@ def test_selected_merges_variant_takes_the_selection(tmp_path):
         "linear": {"method": "linear", "experts": ["addition", "sorting"], "parameters": {"weight": 1.0}},
     }}})  # fmt: skip
     variant = MoEVariant(source="selected_merges")
-    sources, parents = moe.variant_sources(variant, params, selection, tmp_path / "merged", None, "unused")
+    sources, parents = moe.variant_sources(variant, roster_of(params), selection, tmp_path / "merged", None, "unused")
     assert sources == {"ties": str(tmp_path / "merged/ties"), "linear": str(tmp_path / "merged/linear")}
     assert parents == {"ties": ["addition", "sorting", "comparison", "counting"], "linear": ["addition", "sorting"]}
 
@@ -150,7 +155,7 @@ def test_identical_prompts_in_hidden_mode_are_refused_before_building():
 def test_mixture_follows_the_weights(tiny_data, tmp_path):
     datasets = {s: tiny_data / f"sft/{s}.jsonl" for s in ("addition", "sorting", "counting")}
     settings = MixtureSettings(weights={"addition": 3, "sorting": 1, "counting": 0}, rows=200)
-    counts = mixture_finetune.write_mixture(settings, datasets, 0, tmp_path / "mix.jsonl")
+    counts = mixture.write_mixture(settings, datasets, 0, tmp_path / "mix.jsonl")
     assert counts == {"addition": 150, "sorting": 50}
     rows = [json.loads(line) for line in (tmp_path / "mix.jsonl").read_text().splitlines()]
     assert len(rows) == 200 and sum("plus" in r["messages"][0]["content"] for r in rows) == 150
@@ -179,7 +184,7 @@ def test_router_only_training_changes_only_the_gates(copies_moe, tiny_data, tmp_
     sft_settings = mixture_finetune.mode_settings(run, tiny)
     settings = MixtureSettings(rows=64)
     datasets = {s: tiny_data / f"sft/{s}.jsonl" for s in ("addition", "sorting")}
-    mixture_finetune.write_mixture(settings, datasets, 0, tmp_path / "mix.jsonl")
+    mixture.write_mixture(settings, datasets, 0, tmp_path / "mix.jsonl")
     target = sft.Target("moe_trained", "router", "moe_finetune@router", "mixture.moe_runs.router", tmp_path / "out",
                         tmp_path / "work", tmp_path / "live")  # fmt: skip
     extra_config = mixture_finetune.mode_config(run, settings)

@@ -11,24 +11,12 @@ import pytest
 from pydantic import BaseModel
 from ruamel.yaml import YAML
 
-from pipeline.params import (
-    LOCAL_INPUTS,
-    PROJECT_ROOT,
-    SFT_DATASET_SUFFIXES,
-    DataSettings,
-    DeclaredView,
-    Params,
-    ParamsError,
-    SFTOverrides,
-    check,
-    data_stage_files,
-    declared_params,
-    existing_input_files,
-    load_params,
-    load_stages,
-    path_problems,
-    planned_outputs,
-)
+from pipeline.planner import check, data_stage_files, existing_input_files, load_stages, path_problems, planned_outputs
+from pipeline.settings.base import LOCAL_INPUTS, PROJECT_ROOT, SFT_DATASET_SUFFIXES, ParamsError
+from pipeline.settings.data import DataSettings
+from pipeline.settings.params_file import Params, load_params
+from pipeline.settings.sft import SFTOverrides
+from pipeline.settings.stage_view import DeclaredView, declared
 from tests.project import copy_project, params_error, set_params, sh
 
 
@@ -64,7 +52,7 @@ def test_shipped_params_spell_out_every_setting_dvc_tracks():
         "data.corpus.split",
         "data.corpus.text_field",
         "data.corpus.max_documents",
-        # code more than a value: written once, in the schema; every stage depends on pipeline/params.py
+        # code more than a value: written once, in the schema (pipeline/settings/tokenize.py)
         "tokenize.chat_template",
     }
     assert set(missing(params, raw)) <= allowed_defaults
@@ -132,11 +120,11 @@ def test_not_yaml(tmp_path):
     assert "not valid YAML" in params_error(tmp_path, "data: [unclosed\n")
 
 
-def test_declared_params_come_from_dvc_yaml():
-    assert declared_params("tokenize") == ["tokenize"]
-    assert declared_params("data") == ["data"]
+def test_declared_keys_come_from_dvc_yaml():
+    assert declared("tokenize")[0] == ["tokenize"]
+    assert declared("data")[0] == ["data"]
     with pytest.raises(ParamsError, match="no stage named 'pretrainn'"):
-        declared_params("pretrainn")
+        declared("pretrainn")[0]
 
 
 def test_view_allows_declared_keys_and_refuses_others():
@@ -209,18 +197,21 @@ def test_expert_names_need_only_be_plain(tmp_path):
 def test_a_file_a_setting_names_must_be_a_dependency_of_its_readers(tmp_path):
     """A local corpus outside every dependency of the data stage: DVC would never rerun the stage
     when it changes, so it is refused with the setting's name; under data/local/ it is fine."""
-    from pipeline.params import LOCAL_INPUTS, undeclared_inputs
+    from pipeline.settings.base import LOCAL_INPUTS
+    from pipeline.settings.params_file import input_paths
+    from pipeline.settings.stage_view import undeclared_inputs
 
     outside = tmp_path / "corpus.txt"
     outside.write_text("Some text.\n")
     params = load_params(write_params(tmp_path, f"data:\n  corpus: {{source: local, path: {outside}}}\n"))
+    named = input_paths(params)
     deps = [PROJECT_ROOT / "stages/data.py", PROJECT_ROOT / LOCAL_INPUTS]
-    (problem,) = undeclared_inputs("data", ["data"], deps, params, PROJECT_ROOT)
+    (problem,) = undeclared_inputs("data", ["data"], deps, named, PROJECT_ROOT)
     assert "data.corpus.path" in problem and "stage 'data'" in problem and "data/local/" in problem
     # a stage that does not declare the setting does not read the file
-    assert undeclared_inputs("tokenize", ["tokenize"], deps, params, PROJECT_ROOT) == []
+    assert undeclared_inputs("tokenize", ["tokenize"], deps, named, PROJECT_ROOT) == []
     # a folder the stage depends on holds it: fine
-    assert undeclared_inputs("data", ["data"], [*deps, tmp_path], params, PROJECT_ROOT) == []
+    assert undeclared_inputs("data", ["data"], [*deps, tmp_path], named, PROJECT_ROOT) == []
 
 
 @pytest.fixture(scope="module")
@@ -473,7 +464,7 @@ def test_sft_dataset_types_are_the_ones_the_sft_code_reads():
 
 
 def test_every_skill_the_schema_accepts_has_a_generator():
-    from pipeline.params import SKILLS
+    from pipeline.settings.base import SKILLS
     from stages.data import SKILL_GENERATORS
 
     assert list(SKILL_GENERATORS) == list(SKILLS)
@@ -482,7 +473,7 @@ def test_every_skill_the_schema_accepts_has_a_generator():
 
 def test_sft_settings_are_one_shared_block_each_run_overrides(tmp_path):
     """Experts and mixture runs start from the one `sft` section; each layer changes only what it names."""
-    from pipeline.params import resolve_sft
+    from pipeline.settings.sft import resolve_sft
 
     text = (
         "sft: {learning_rate: 0.01, lora_r: 8}\n"

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from pipeline.params import SFTSettings, load_params
 from pipeline.profiles import dump, profile_params
+from pipeline.settings.params_file import load_params
+from pipeline.settings.sft import SFTSettings
 from tests import phi3_standin
 from tests.project import commit_all, copy_project, dvc, stages_run
 

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.params import PROJECT_ROOT, InputError, PretrainSettings
+from pipeline.settings.base import PROJECT_ROOT, InputError
+from pipeline.settings.pretrain import PretrainSettings
 from pipeline.stage import RunFailed
 from stages import pretrain
 from tests.conftest import TINY_MODEL, outputs_in
@@ -185,7 +186,8 @@ def test_resume_after_kill_9_gives_identical_weights(tiny_tokenized, tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (killed / "model").exists()  # nothing final was written by the killed run
+    # nothing final was written by the killed run: no model, and no half-written curves
+    assert not (killed / "model").exists() and not (killed / "live").exists()
 
     run_in_subprocess(settings, tiny_tokenized, killed)
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
@@ -223,7 +225,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_to
         pretrain.run(settings, tiny_tokenized[1], tiny_tokenized[0], outputs_in(tmp_path))
     weights = load_file(tmp_path / "checkpoints" / "step-000006" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert not (tmp_path / "model").exists()
+    assert not (tmp_path / "model").exists() and not (tmp_path / "live").exists()
     assert issubclass(pretrain.TrainingDiverged, RunFailed)  # the stage prints it as one `error:` line
 
 

@@ -13,19 +13,13 @@ from pathlib import Path
 import pytest
 
 from pipeline import sft
-from pipeline.params import (
-    EMBEDDED_TASKS,
-    PROJECT_ROOT,
-    TASK_DATA_SUFFIXES,
-    EvalSettings,
-    InputError,
-    Params,
-    ParamsError,
-    check,
-    load_params,
-    resolve_sft,
-)
+from pipeline.planner import check
 from pipeline.profiles import apply, merge_overlay, profile_names, profile_text, read_overlay, validate
+from pipeline.roster import roster_of
+from pipeline.settings.base import PROJECT_ROOT, TASK_DATA_SUFFIXES, InputError, ParamsError
+from pipeline.settings.eval import EMBEDDED_TASKS, EvalSettings
+from pipeline.settings.params_file import Params, load_params
+from pipeline.settings.sft import resolve_sft
 from stages import eval as eval_stage
 from stages import merge, mixture_finetune, moe
 from stages.check import check_input_files, profile_project
@@ -170,7 +164,7 @@ def test_mergekit_accepts_every_merge_and_moe_of_the_profile(name, settings, tmp
     params = settings[name]
     experts = Path("models/experts")
     for recipe_name, recipe in params.merge.recipes.items():
-        names = recipe.experts if recipe.experts is not None else list(params.finetune.experts)
+        names = roster_of(params).merges[recipe_name]
         config = merge.mergekit_config(recipe, {n: str(experts / n) for n in names}, params.finetune.base_model,
                                        params.merge.dtype)  # fmt: skip
         validated = MergeConfiguration.model_validate(config)
@@ -178,7 +172,7 @@ def test_mergekit_accepts_every_merge_and_moe_of_the_profile(name, settings, tmp
     selection = tmp_path / "select.json"  # what the select stage writes: the first top_k recipes, say
     selection.write_text(json.dumps({"selected": list(params.merge.recipes)[: params.select.top_k]}))
     for variant_name, variant in params.moe.variants.items():
-        sources, _ = moe.variant_sources(variant, params, selection, Path("models/merged"), experts,
+        sources, _ = moe.variant_sources(variant, roster_of(params), selection, Path("models/merged"), experts,
                                          params.finetune.base_model)  # fmt: skip
         config = moe.moe_config(params.moe, sources, {}, next(iter(sources.values())))
         validated = MoEMergeConfig.model_validate(config)

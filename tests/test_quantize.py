@@ -14,7 +14,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline import sft
 from pipeline.lineage import model_id
-from pipeline.params import InputError, QATRun, QuantizeRun, SFTSettings
+from pipeline.settings.base import InputError
+from pipeline.settings.qat import QATRun
+from pipeline.settings.quantize import QuantizeRun
+from pipeline.settings.sft import SFTSettings
 from stages import qat, quantize
 
 GROUP = 32

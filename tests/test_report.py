@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.params import InputError
+from pipeline.settings.base import InputError
 from pipeline.stats import wilson_interval
 from stages import report
 

@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pipeline import sft
-from pipeline.params import PROJECT_ROOT, InputError, MoERun, SFTSettings
+from pipeline.settings.base import PROJECT_ROOT, InputError
+from pipeline.settings.mixture import MoERun
+from pipeline.settings.sft import SFTSettings
 from stages import mixture_finetune
 
 TINY_SFT = SFTSettings(max_steps=8, learning_rate=5e-3, sequence_len=64, warmup_steps=2, replay_rows=0)
@@ -137,7 +139,7 @@ MACHINE = """
 import json, sys
 from pathlib import Path
 from pipeline import sft
-from pipeline.params import SFTSettings
+from pipeline.settings.sft import SFTSettings
 from tests.test_sft_distributed import target_in
 settings, base, dataset, root = SFTSettings.model_validate_json(sys.argv[1]), *sys.argv[2:]
 print(json.dumps(sft.run(settings, base, Path(dataset), target_in(Path(root)))))

@@ -15,14 +15,14 @@ import sys
 
 import pytest
 
-from pipeline.params import PROJECT_ROOT, InputError
+from pipeline.settings.base import PROJECT_ROOT, InputError
 from pipeline.stage import thread_count
 
 PROBE = """
 import json, os, sys
 import stages.pretrain  # what `python -m stages.pretrain` imports first: the package, then torch
 import torch
-from pipeline.params import ComputeSettings
+from pipeline.settings.compute import ComputeSettings
 from pipeline.stage import configure_compute, start
 
 how, value = sys.argv[1], json.loads(sys.argv[2])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.params import InputError, TokenizeSettings
+from pipeline.settings.base import InputError
+from pipeline.settings.tokenize import TokenizeSettings
 from stages import tokenize
 
 
