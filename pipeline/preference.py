@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import sft
-from pipeline.records import json_records, open_parquet
+from pipeline.records import dataset_format, json_records, open_parquet
 from pipeline.settings.base import InputError
 from pipeline.settings.dpo import PREFERENCE_ROW
 
@@ -57,7 +56,7 @@ def read_pairs(path: Path) -> tuple[list[Pair], str]:
         raise InputError(f"preference dataset {path} is a folder; give one .jsonl/.json/.parquet file of pairs")
     if not path.is_file():
         raise InputError(f"preference dataset {path} does not exist (rows like {PREFERENCE_ROW})")
-    sft.dataset_format(path)  # InputError for another suffix
+    dataset_format(path)  # InputError for another suffix
     if path.suffix == ".parquet":
         parquet = open_parquet(path)
         columns = parquet.schema_arrow.names

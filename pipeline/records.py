@@ -14,6 +14,17 @@ from typing import Any
 
 from pipeline.settings.base import InputError
 
+# The `datasets` loader (and axolotl's `ds_type`) of each kind of SFT dataset file.
+DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def dataset_format(dataset: str | Path) -> str:
+    """axolotl's `ds_type` for a local file."""
+    suffix = Path(dataset).suffix
+    if suffix not in DATASET_FORMATS:
+        raise InputError(f"SFT dataset {dataset}: use a {', '.join(DATASET_FORMATS)} file of chat messages")
+    return DATASET_FORMATS[suffix]
+
 
 def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) of a UTF-8 text file, read line by line."""

@@ -4,8 +4,8 @@ Merges, the selection, the MoEs and the SFT mixture need the experts' names (and
 the MoE prompts their datasets), not their training settings. DVC can only declare a params key
 whole, and declaring `finetune.experts` would make every such stage stale when one expert's
 learning rate changes. So the check stage, which reads all of params.yaml anyway, writes the
-roster to a file, and those stages depend on that file by hash: they rerun when a name or a
-dataset changes, never for a training setting.
+roster into data/roster/, one file per collection, and those stages depend on the files they read
+by hash: they rerun when a name or a dataset changes, never for a training setting.
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pipeline.atomic import atomic_dir
 from pipeline.settings.base import InputError
+
+EXPERTS_FILE = "experts.json"  # expert -> its SFT dataset
+MERGES_FILE = "merges.json"  # merge recipe -> the experts it merges
 
 
 class Roster(NamedTuple):
@@ -29,12 +33,15 @@ def roster_of(params: Any) -> Roster:
     return Roster(experts, merges)
 
 
-def roster_json(roster: Roster) -> str:
-    return json.dumps(roster._asdict(), indent=2) + "\n"
+def write_roster(folder: Path, roster: Roster) -> None:
+    with atomic_dir(folder) as tmp:
+        (tmp / EXPERTS_FILE).write_text(json.dumps(roster.experts, indent=2) + "\n")
+        (tmp / MERGES_FILE).write_text(json.dumps(roster.merges, indent=2) + "\n")
 
 
-def read_roster(path: Path) -> Roster:
+def read_roster_file(path: Path) -> dict[str, Any]:
+    """One file of the roster: experts.json or merges.json."""
     try:
-        return Roster(**json.loads(Path(path).read_text()))
-    except (OSError, ValueError, TypeError) as error:
-        raise InputError(f"{path}: not a roster the check stage wrote ({error}); run `dvc repro check`") from None
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a roster file the check stage wrote ({error}); run `dvc repro check`") from None

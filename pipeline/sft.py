@@ -37,8 +37,8 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from pipeline import stage
 from pipeline.atomic import atomic_dir, atomic_path
 from pipeline.curves import last_value
-from pipeline.lineage import json_block, model_card, model_id, write_lineage
-from pipeline.records import json_records, open_parquet
+from pipeline.lineage import json_block, model_id, render_card, write_lineage
+from pipeline.records import DATASET_FORMATS, dataset_format, json_records, open_parquet
 from pipeline.settings.base import PROJECT_ROOT, InputError
 from pipeline.settings.sft import SFTSettings
 from pipeline.stage import DVCLIVE_DIR_VARIABLE, RunFailed, die_with_parent
@@ -46,7 +46,6 @@ from pipeline.stage import DVCLIVE_DIR_VARIABLE, RunFailed, die_with_parent
 log = logging.getLogger("pipeline.sft")
 
 LORA_ADAPTERS = ("lora", "qlora")  # trained as an adapter and merged into the model at the end
-DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "special_tokens_map.json")  # fmt: skip
 
@@ -228,14 +227,6 @@ def check_machine(settings: SFTSettings, device: str) -> None:
             f"sft.distributed is {settings.distributed}, but deepspeed is not installed: `pip install deepspeed` "
             "(GPU machines), or use ddp or fsdp"
         )
-
-
-def dataset_format(dataset: str | Path) -> str:
-    """axolotl's `ds_type` for a local file."""
-    suffix = Path(dataset).suffix
-    if suffix not in DATASET_FORMATS:
-        raise InputError(f"SFT dataset {dataset}: use a {', '.join(DATASET_FORMATS)} file of chat messages")
-    return DATASET_FORMATS[suffix]
 
 
 CHAT_ROW = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
@@ -625,4 +616,4 @@ def sft_model_card(
     intro = f"""Trained by this project's `{target.stage}` stage with axolotl from `{base_model}` on
 `{dataset}` (loss on the answers only). The generated axolotl config is `axolotl.yaml`."""
     sections = {"Final metrics": json_block(summary), "SFT settings": json_block(settings.model_dump(mode="json"))}
-    return model_card(f"`{target.kind}/{target.name}`", intro, sections)
+    return render_card(f"`{target.kind}/{target.name}`", intro, sections)

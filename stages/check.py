@@ -1,6 +1,6 @@
 """`check` stage: validate everything before any stage runs; remove outputs of removed stages.
 
-    python -m stages.check --out data/params_checked.txt --roster data/roster.json
+    python -m stages.check --out data/params_checked.txt --roster data/roster
 
 Every other stage depends on this one's output, so `dvc repro` (whichever command started it)
 runs the check first whenever params.yaml, data/local or the check's code changed, and a bad
@@ -37,9 +37,10 @@ from pipeline import llama_cpp
 from pipeline.atomic import write_text
 from pipeline.corpus import check_corpus_file
 from pipeline.dvc_lock import lock_stages
+from pipeline.kinds import KINDS
 from pipeline.planner import check, existing_input_files, load_stages
 from pipeline.preference import read_pairs
-from pipeline.roster import roster_json, roster_of
+from pipeline.roster import roster_of, write_roster
 from pipeline.settings.base import PROJECT_ROOT, InputError
 from pipeline.settings.params_file import Params, load_params
 from pipeline.sft import check_sft_dataset
@@ -50,18 +51,32 @@ log = logging.getLogger("stages.check")
 PASSED = "params.yaml, dvc.yaml and the input files they name passed the checks of stages/check.py\n"
 
 
+def entries(params: Params, collection: str) -> list[str]:
+    """The entry names of a params.yaml collection such as `finetune.experts`."""
+    node: Any = params
+    for part in collection.split("."):
+        node = getattr(node, part)
+    return list(node)
+
+
 def check_input_files(params: Params, root: Path, stages: list[Any]) -> None:
     """Raise InputError naming each existing input file its reader would reject, and where."""
-    sft_datasets = ("finetune.experts.", "adapters.runs.", "qat.runs.")
-
+    # the settings naming a data file, by kind (pipeline/kinds.py): preference pairs for dpo, else SFT rows
+    data_files = {
+        f"{kind.section}.{entry}.{setting}": kind.name
+        for kind in KINDS
+        if kind.section
+        for entry in entries(params, kind.section)
+        for setting in kind.dataset_files
+    }
     problems = []
     outputs = [Path(out.fs_path) for stage in stages for out in stage.outs]
     for key, path in existing_input_files(params, root, outputs).items():
         try:
-            if key.startswith(sft_datasets) and key.endswith(".dataset"):
-                check_sft_dataset(path)
-            elif key.startswith("dpo.runs.") and key.endswith("dataset"):  # dataset, eval_dataset
+            if data_files.get(key) == "dpo":
                 read_pairs(path)
+            elif key in data_files:
+                check_sft_dataset(path)
             elif key == "data.corpus.path":
                 check_corpus_file(path, params.data.corpus.text_field)
         except InputError as error:
@@ -131,7 +146,7 @@ def profile_project(name: str, root: Path) -> Iterator[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="the stage's stamp; without it (`make check`), only validate")
-    parser.add_argument("--roster", type=Path, help="where to write the roster (with --out)")
+    parser.add_argument("--roster", type=Path, help="the folder to write the roster into (with --out)")
     parser.add_argument("--profile", help="validate profiles/<name>.yaml over params.yaml instead (params.yaml is "
                         "not written); for `make check PROFILE=<name>`")  # fmt: skip
     args = parser.parse_args()
@@ -160,7 +175,7 @@ def main() -> None:
     log.info("settings and input files are valid")
     remove_stale_outputs(stages, PROJECT_ROOT)
     if args.roster:
-        write_text(args.roster, roster_json(roster_of(params)))
+        write_roster(args.roster, roster_of(params))
     write_text(args.out, PASSED)
 
 

@@ -36,9 +36,9 @@ from ruamel.yaml import YAML
 from pipeline import sft, stage
 from pipeline.atomic import atomic_dir, atomic_path, write_json
 from pipeline.curves import last_value
-from pipeline.lineage import json_block, model_id, write_lineage
-from pipeline.lineage import model_card as card_layout
+from pipeline.lineage import json_block, model_id, render_card, write_lineage
 from pipeline.preference import Pair, read_pairs
+from pipeline.records import dataset_format
 from pipeline.settings.base import InputError
 from pipeline.settings.sft import SFTSettings, resolve_sft
 from pipeline.stage import configure_environment, start
@@ -46,10 +46,11 @@ from pipeline.stats import mcnemar_exact, proportion
 
 log = logging.getLogger("stages.dpo")
 
-# Keys of the generated SFT config that a preference run leaves out: SFT's loss masking, and
+# Keys of the generated SFT config that a preference run leaves out: SFT's end-of-turn tokens, and
 # pad_to_multiple_of, with which axolotl 0.19 swaps in its own DPO collator, written for older trl
 # batches (trl 1.9's DPO trainer then fails: "You must specify exactly one of input_ids or inputs_embeds").
-SFT_ONLY_KEYS = ("roles_to_train", "train_on_eos", "eot_tokens", "pad_to_multiple_of")
+# (SFT's loss masking is in its dataset entry, which the preference pairs' entry replaces.)
+SFT_ONLY_KEYS = ("eot_tokens", "pad_to_multiple_of")
 # The curves TRL's DPO trainer logs beside the loss (pipeline/axolotl_dvclive.py CURVES keeps them).
 REWARD_CURVES = ("rewards/accuracies", "rewards/margins")
 EVAL_BATCH = 32  # pairs per forward pass when measuring preference accuracy
@@ -152,7 +153,7 @@ def dpo_config(
         datasets=[
             {
                 "path": dataset,
-                "ds_type": sft.dataset_format(dataset),
+                "ds_type": dataset_format(dataset),
                 "type": "chat_template.default",
                 "field_messages": prompt_field,
                 "field_chosen": "chosen",
@@ -238,7 +239,7 @@ def train(
                                "dpo/beta": beta}  # fmt: skip
     with atomic_dir(target.out_dir) as tmp:
         sft.copy_model_files(trained, tmp)
-        shutil.copy2(config_path, tmp / "axolotl.yaml")
+        sft.write_saved_config(config, work_dir, tmp / "axolotl.yaml")
         if eval_pairs:
             trained_scores = preference_scores(tmp, eval_pairs, device)
             summary.update(compare(start_scores, trained_scores))
@@ -277,7 +278,7 @@ def model_card(
 (`rl: dpo`) from `{model}`, its frozen copy the reference, on the pairs of `{dataset}`. The
 generated axolotl config is `axolotl.yaml`."""
     sections = {"Final metrics": json_block(summary), "SFT settings": json_block(settings.model_dump(mode="json"))}
-    return card_layout(f"`{target.kind}/{target.name}`", intro, sections)
+    return render_card(f"`{target.kind}/{target.name}`", intro, sections)
 
 
 def main(argv: list[str] | None = None) -> None:

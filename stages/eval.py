@@ -51,7 +51,6 @@ from pipeline.eval_sets import (
     check_eval_set,
     skill_names,
 )
-from pipeline.kinds import MODEL_KINDS
 from pipeline.lineage import LINEAGE_FILE
 from pipeline.lineage import model_id as lineage_id
 from pipeline.settings.base import InputError
@@ -295,9 +294,10 @@ def copy_lineage(model_dir: Path, model_id: str, path: Path) -> None:
 
 
 def check_model_id(model_id: str) -> None:
+    # which kinds there are is pipeline/kinds.py's, held to dvc.yaml's eval stages by tests/test_graph.py
     kind, _, name = model_id.partition("/")
-    if kind not in MODEL_KINDS or not name:
-        raise InputError(f"--name {model_id!r} must be <kind>/<name> with a kind of {', '.join(MODEL_KINDS)}")
+    if not kind or not name:
+        raise InputError(f"--name {model_id!r} must be <kind>/<name>, e.g. expert/addition")
 
 
 @dataclass

@@ -39,7 +39,7 @@ import numpy as np
 from pipeline import llama_cpp
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.eval_sets import SKILL_FIELDS, chat_prompt_around_question, check_eval_set, skill_names
-from pipeline.lineage import json_block, model_card, model_id
+from pipeline.lineage import json_block, model_id, render_card
 from pipeline.settings.base import InputError
 from pipeline.settings.gguf import GGUFRun
 from pipeline.stage import RunFailed, configure_environment, start, thread_count
@@ -404,7 +404,7 @@ def card(name: str, settings: GGUFRun, model_dir: Path, metrics: dict[str, Any],
         "verify_examples": verify_examples,
         "max_gen_tokens": max_gen_tokens,
     }
-    return model_card(f"GGUF `{name}`", intro, {"Verification": verification, "Settings": json_block(used)})
+    return render_card(f"GGUF `{name}`", intro, {"Verification": verification, "Settings": json_block(used)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,9 +21,8 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_dir
-from pipeline.lineage import LINEAGE_FILE, json_block, model_id, write_lineage
-from pipeline.lineage import model_card as card_layout
-from pipeline.roster import read_roster
+from pipeline.lineage import LINEAGE_FILE, json_block, model_id, render_card, write_lineage
+from pipeline.roster import read_roster_file
 from pipeline.settings.base import InputError
 from pipeline.settings.merge import MERGE_METHODS, MergeRecipe
 from pipeline.stage import configure_environment, start
@@ -140,20 +139,21 @@ def model_card(name: str, recipe: MergeRecipe, config: dict[str, Any]) -> str:
         f"Made by this project's `merge@{name}` stage with mergekit, method `{recipe.method}`, from:\n\n"
         f"{parents}\n\n{base}The exact mergekit configuration is `mergekit.yaml`."
     )
-    return card_layout(f"Merge `{name}`", intro, {"Recipe": json_block(recipe.model_dump(mode="json"))})
+    return render_card(f"Merge `{name}`", intro, {"Recipe": json_block(recipe.model_dump(mode="json"))})
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", required=True, help="a key of merge.recipes")
-    parser.add_argument("--roster", type=Path, required=True, help="the check stage's roster (which experts)")
+    parser.add_argument("--roster-experts", type=Path, required=True, help="the roster's experts.json (which experts)")
     parser.add_argument("--experts", type=Path, required=True, help="folder of the expert model folders")
     parser.add_argument("--base-model", required=True, help="the experts' base model (for task-vector methods)")
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     args = parser.parse_args(argv)
     params = start(f"merge@{args.recipe}")
     recipe = params.merge.recipes[args.recipe]
-    experts = {name: str(args.experts / name) for name in read_roster(args.roster).merges[args.recipe]}
+    names = recipe.experts if recipe.experts is not None else list(read_roster_file(args.roster_experts))
+    experts = {name: str(args.experts / name) for name in names}
     configure_environment()
     run(args.recipe, recipe, experts, args.base_model, params.merge.dtype, params.merge.seed, args.out)
 

@@ -1,6 +1,6 @@
 """`mixture` stage: the rows every dense and MoE run trains on, drawn once from the experts' SFT data.
 
-    python -m stages.mixture --roster data/roster.json --out data/mixture
+    python -m stages.mixture --roster-experts data/roster/experts.json --out data/mixture
 
 mixture.rows rows of the experts' datasets (the roster's, pipeline/roster.py) in the proportions of
 mixture.weights, drawn with mixture.seed. Written once, the runs depend on the file by hash: they
@@ -18,9 +18,9 @@ from typing import Any
 
 from pipeline.atomic import atomic_dir, dumps_json
 from pipeline.mixture import MIXTURE_COUNTS, MIXTURE_ROWS
-from pipeline.roster import read_roster
+from pipeline.records import dataset_format
+from pipeline.roster import read_roster_file
 from pipeline.settings.mixture import MixtureSettings
-from pipeline.sft import dataset_format
 from pipeline.stage import start
 
 log = logging.getLogger("stages.mixture")
@@ -53,11 +53,11 @@ def write_mixture(settings: MixtureSettings, datasets: dict[str, Path], seed: in
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--roster", type=Path, required=True, help="the check stage's roster (experts, datasets)")
+    parser.add_argument("--roster-experts", type=Path, required=True, help="the roster's experts.json (datasets)")
     parser.add_argument("--out", type=Path, required=True, help="output folder: the rows and the counts per expert")
     args = parser.parse_args(argv)
     params = start("mixture")
-    datasets = {name: Path(dataset) for name, dataset in read_roster(args.roster).experts.items()}
+    datasets = {name: Path(dataset) for name, dataset in read_roster_file(args.roster_experts).items()}
     with atomic_dir(args.out) as tmp:
         counts = write_mixture(params.mixture, datasets, params.mixture.seed, tmp / MIXTURE_ROWS)
         (tmp / MIXTURE_COUNTS).write_text(dumps_json(counts))

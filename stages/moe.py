@@ -25,13 +25,12 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.lineage import json_block, model_id, write_lineage
-from pipeline.lineage import model_card as card_layout
-from pipeline.roster import Roster, read_roster
+from pipeline.lineage import json_block, model_id, render_card, write_lineage
+from pipeline.records import dataset_format
+from pipeline.roster import Roster, read_roster_file
 from pipeline.routing import EXPERT_NAMES, routing_metrics
 from pipeline.settings.base import InputError
 from pipeline.settings.moe import ExpertPrompts, MoESettings, MoEVariant
-from pipeline.sft import dataset_format
 from pipeline.stage import RunFailed, configure_environment, resolve_device, start
 
 log = logging.getLogger("stages.moe")
@@ -142,7 +141,7 @@ def model_card(settings: MoESettings, variant_name: str, variant: MoEVariant, co
 
 Attention, embeddings and norms come from `{config["base_model"]}`. The exact mergekit-moe
 configuration is `mergekit_moe.yaml`."""
-    return card_layout(
+    return render_card(
         f"Mixture of experts `moe/{variant_name}`", intro, {"Settings": json_block(settings.model_dump(mode="json"))}
     )
 
@@ -163,7 +162,8 @@ def variant_sources(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", required=True, help="a key of moe.variants")
-    parser.add_argument("--roster", type=Path, required=True, help="the check stage's roster (experts, merges)")
+    parser.add_argument("--roster-experts", type=Path, required=True, help="the roster's experts.json")
+    parser.add_argument("--roster-merges", type=Path, required=True, help="the roster's merges.json")
     parser.add_argument("--selection", type=Path, required=True, help="the select stage's JSON")
     parser.add_argument("--merged", type=Path, required=True, help="folder of the merged model folders")
     parser.add_argument("--experts", type=Path, required=True, help="folder of the expert model folders")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     shared = {name: getattr(params.moe, name) for name in MoESettings.model_fields if name != "variants"}
     settings = MoESettings(variants={args.variant: params.moe.variants[args.variant]}, **shared)
     variant = settings.variants[args.variant]
-    roster = read_roster(args.roster)
+    roster = Roster(read_roster_file(args.roster_experts), read_roster_file(args.roster_merges))
     datasets = {name: Path(dataset) for name, dataset in roster.experts.items()}
     sources, parents = variant_sources(variant, roster, args.selection, args.merged, args.experts, args.base_model)
     configure_environment()

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, dumps_json, write_json, write_text
-from pipeline.lineage import json_block, model_card, write_lineage
+from pipeline.lineage import json_block, render_card, write_lineage
 from pipeline.settings.base import InputError
 from pipeline.settings.pretrain import ModelSettings, PretrainSettings
 from pipeline.stage import RunFailed, configure_environment, resolve_device, start, use_bf16
@@ -916,7 +916,7 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
 
 def pretrain_model_card(settings: PretrainSettings, summary: dict[str, Any], n_params: int) -> str:
     rows = "\n".join(f"| `{key}` | {value} |" for key, value in sorted(summary.items()))
-    return model_card(
+    return render_card(
         f"Pretrained {settings.model.architecture} ({n_params / 1e6:.2f}M parameters)",
         "Trained from scratch by this project's `pretrain` stage (`python -m stages.pretrain`) on the\n"
         "token files of the `tokenize` stage. Load it with\n"

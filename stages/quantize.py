@@ -35,8 +35,7 @@ from typing import Any
 import torch
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.lineage import json_block, model_id, write_lineage
-from pipeline.lineage import model_card as card_layout
+from pipeline.lineage import json_block, model_id, render_card, write_lineage
 from pipeline.quantization import check_group_size, model_skeleton, quantized_linears
 from pipeline.settings.base import InputError
 from pipeline.settings.quantize import QuantizeRun
@@ -156,7 +155,7 @@ output head quantized to {scheme["weight_dtype"]} (symmetric, one scale per {sch
 row; torchao's QAT numerics) and saved dequantized, as a plain float model: it has the quality of
 the quantized weights, not their size (`bytes/model_quantized` is what they would weigh).
 Per-layer errors: `quantization.json`."""
-    return card_layout(f"`quantized/{name}`", intro, {"Scheme": json_block(scheme), "Metrics": json_block(summary)})
+    return render_card(f"`quantized/{name}`", intro, {"Scheme": json_block(scheme), "Metrics": json_block(summary)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,9 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_path, write_json, write_text
-from pipeline.kinds import MODEL_KINDS
-from pipeline.lineage import json_block
-from pipeline.lineage import model_card as card_layout
+from pipeline.kinds import KINDS, MODEL_KINDS, run_sections
+from pipeline.lineage import json_block, render_card
 from pipeline.settings.base import InputError
 from pipeline.stage import start
 from pipeline.stats import discordant_counts, holm, mcnemar_exact, proportion
@@ -413,13 +412,7 @@ def leaderboard_markdown(
 
 
 # metrics/runs/<section>/<run>.json: the optional runs' own measurements, a table per section.
-RUN_SECTIONS = {
-    "dpo": "Preference tuning (DPO)",
-    "adapters": "Adapters (LoRA, LoHa, LoKr)",
-    "qat": "Quantization-aware training",
-    "quantize": "Post-training quantization",
-    "gguf": "GGUF export, checked in llama.cpp",
-}
+RUN_SECTIONS = run_sections()
 RUNS_INTRO = (
     "What the optional runs measured themselves (their models' eval scores are in the leaderboard, and each is "
     "compared with its start or its full fine-tune in the paired tests)."
@@ -499,7 +492,7 @@ def model_card(model: Model) -> str:
         "Shares of items right with their 95% Wilson confidence interval.\n\n"
         f"{markdown_table(['task/metric', 'value [95% CI]'], rows)}\n"
     )
-    return card_layout(
+    return render_card(
         model.id,
         lineage_sentence(model.lineage),
         {
@@ -801,7 +794,9 @@ def run(
     selection = json.loads(selection_path.read_text()) if selection_path else None
     tests = paired_tests(models, research_pairs(models))
     runs = load_runs(runs_dir)
-    trained = {section: runs_dir / section for section in ("dpo", "adapters", "qat") if section in runs}
+    trained = {
+        kind.runs_metrics: runs_dir / kind.runs_metrics for kind in KINDS if kind.trains and kind.runs_metrics in runs
+    }
     curves = {**curves, **trained}  # the runs that train have curves too
     write_text(out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection, runs))
     images = []

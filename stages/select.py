@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json
-from pipeline.roster import read_roster
+from pipeline.roster import read_roster_file
 from pipeline.settings.base import InputError
 from pipeline.settings.select import SelectSettings
 from pipeline.stage import start
@@ -69,12 +69,12 @@ def read_scores(eval_dir: Path, recipes: list[str], metric: str) -> dict[str, fl
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--roster", type=Path, required=True, help="the check stage's roster (which merges)")
+    parser.add_argument("--roster-merges", type=Path, required=True, help="the roster's merges.json (which merges)")
     parser.add_argument("--eval-metrics", type=Path, required=True, help="folder of the merges' <recipe>.json evals")
     parser.add_argument("--out", type=Path, required=True, help="selection JSON (a DVC metric)")
     args = parser.parse_args(argv)
     params = start("select")
-    recipes = list(read_roster(args.roster).merges)
+    recipes = list(read_roster_file(args.roster_merges))
     if not recipes:
         raise InputError("merge.recipes is empty: there is nothing to select from")
     selection = select(params.select, read_scores(args.eval_metrics, recipes, params.select.metric))

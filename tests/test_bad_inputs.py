@@ -16,7 +16,7 @@ import torch
 
 from pipeline import sft
 from pipeline.lineage import write_lineage
-from pipeline.roster import roster_json, roster_of
+from pipeline.roster import roster_of, write_roster
 from pipeline.settings.base import PROJECT_ROOT, InputError
 from pipeline.settings.data import CorpusSettings, DataSettings, SkillSettings
 from pipeline.settings.eval import EvalSettings
@@ -71,12 +71,12 @@ def assert_names(raised: pytest.ExceptionInfo, path: Path, expected: str) -> Non
 def test_stage_processes_print_bad_input_as_one_error_line(tmp_path):
     evals, recipe = tmp_path / "eval", next(iter(load_params().merge.recipes))
     evals.mkdir()
-    roster = tmp_path / "roster.json"
-    roster.write_text(roster_json(roster_of(load_params())))
+    roster = tmp_path / "roster"
+    write_roster(roster, roster_of(load_params()))
     select = [
         "stages.select",
-        "--roster",
-        str(roster),
+        "--roster-merges",
+        str(roster / "merges.json"),
         "--eval-metrics",
         str(evals),
         "--out",
@@ -91,7 +91,7 @@ def test_stage_processes_print_bad_input_as_one_error_line(tmp_path):
         result = subprocess.run([sys.executable, "-m", *command], cwd=PROJECT_ROOT, capture_output=True, text=True)
         assert (result.returncode, result.stderr.splitlines()[-1]) == (1, expected), result.stderr
         assert "Traceback" not in result.stderr
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval", "roster.json"]  # neither stage wrote an output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval", "roster"]  # neither stage wrote an output
 
 
 # SFT datasets (pipeline/sft.py, behind finetune, dense and the MoE runs)

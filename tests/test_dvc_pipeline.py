@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # the whole pipeline, several times over: minutes
 EXPERTS = ["finetune@addition", "finetune@counting", "eval_expert@addition", "eval_expert@counting"]
 MERGES = ["merge@linear", "merge@ties", "eval_merge@linear", "eval_merge@ties", "select"]
 MOE = ["moe@merges", "eval_moe@merges", "moe_finetune@router", "eval_moe_trained@router"]
-DENSE = ["dense@multitask", "eval_dense@multitask"]
+DENSE = ["mixture", "dense@multitask", "eval_dense@multitask"]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,9 @@ def test_repro_produces_every_output(project):
         "data/corpus/train.jsonl",
         "data/sft/counting.jsonl",
         "data/eval/stories.jsonl",
+        "data/roster/experts.json",
+        "data/roster/merges.json",
+        "data/mixture/train.jsonl",
         "data/tokens/train.bin",
         "models/tokenizer/tokenizer.json",
         "models/pretrain/model.safetensors",
@@ -159,7 +162,7 @@ def workspace(project: Path) -> dict[str, str]:
     return {
         str(path.relative_to(project)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in files
-        if path.is_file() and path.name not in ("params_checked.txt", "roster.json")
+        if path.is_file() and path.name != "params_checked.txt" and "roster" not in path.parts
     }
 
 
@@ -378,18 +381,13 @@ def test_changing_a_param_reruns_only_its_stages(project):
     evals |= {"eval_moe@merges", "eval_moe_trained@router", "eval_dense@multitask"}
     assert stale_after(project, eval__limit=3) == {"check", *evals}
 
-    # one expert's setting: that expert, never the other. The merges, the MoE and both mixture runs
-    # read the experts' names and datasets from finetune.experts, which they declare whole, so they
-    # are stale too (the dense run then retrains to the same bytes, which stops its cascade; the
-    # merges and the MoE change with the expert's weights in any case)
-    every_experts_readers = {"merge@linear", "merge@ties", "moe@merges", "dense@multitask", "moe_finetune@router"}
-    expected = {"check", "finetune@addition", *every_experts_readers}
-    assert stale_after(project, finetune__experts__addition__learning_rate=0.001) == expected
+    # one expert's setting: that expert alone (the merges and the MoE read the experts' names from
+    # the check stage's roster, the mixture runs their rows from the mixture stage: by hash)
+    assert stale_after(project, finetune__experts__addition__learning_rate=0.001) == {"check", "finetune@addition"}
 
-    # one recipe's parameter: that merge, and the stages that declare every recipe (select and the
-    # MoE read their names)
-    expected = {"check", "merge@ties", "select", "moe@merges"}
-    assert stale_after(project, merge__recipes__ties__parameters__density=0.7) == expected
+    # one recipe's parameter: that merge alone; the mixture's size: the mixture stage alone
+    assert stale_after(project, merge__recipes__ties__parameters__density=0.7) == {"check", "merge@ties"}
+    assert stale_after(project, mixture__rows=32) == {"check", "mixture"}
 
     # the dense baseline's setting: that run only
     assert stale_after(project, mixture__dense_runs__multitask__learning_rate=0.001) == {"check", "dense@multitask"}

@@ -81,7 +81,7 @@ def test_lineage_is_copied_from_the_model_folder(tmp_path):
 
 
 def test_model_id_needs_a_known_kind(tiny_data, tmp_path):
-    with pytest.raises(InputError, match=r"--name 'pretrain' must be <kind>/<name> with a kind of base, expert"):
+    with pytest.raises(InputError, match=r"--name 'pretrain' must be <kind>/<name>, e.g. expert/addition"):
         evaluation.run(EvalSettings(), tmp_path, tiny_data / "eval", tiny_data / "corpus", tmp_path / "raw",
                        model_id="pretrain")  # fmt: skip
 

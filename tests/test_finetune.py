@@ -16,7 +16,7 @@ from ruamel.yaml import YAML
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import sft
+from pipeline import records, sft
 from pipeline.settings.base import PROJECT_ROOT, InputError
 from pipeline.settings.sft import SFTSettings
 from pipeline.stage import RunFailed
@@ -232,4 +232,4 @@ def test_parquet_datasets_and_their_checks(tiny_tokenized, tmp_path):
     with pytest.raises(InputError, match=r"plain.jsonl line 1 has no `messages` list"):
         sft.check_sft_dataset(wrong)
     with pytest.raises(InputError, match=r"use a .jsonl, .json, .parquet file"):
-        sft.dataset_format("chat.csv")
+        records.dataset_format("chat.csv")

@@ -8,13 +8,16 @@ command line, a setting. These checks derive those from the code and the command
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pipeline.kinds import EXPORTS, KINDS
 from pipeline.settings.base import PROJECT_ROOT
 from pipeline.settings.params_file import Params, load_params
 from pipeline.settings.stage_view import stage_files, stage_params
@@ -52,7 +55,8 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def project_imports(module: str) -> set[Path]:
+@functools.cache
+def project_imports(module: str) -> frozenset[Path]:
     """The project files that running `python -m module` executes: its own, and every module of
     stages/ or pipeline/ it imports, at the top or inside functions, directly or not. A string
     naming one (axolotl loads `pipeline.axolotl_dvclive.DVCLivePlugin` by name) counts too.
@@ -73,7 +77,7 @@ def project_imports(module: str) -> set[Path]:
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 named = re.fullmatch(r"((?:stages|pipeline)(?:\.settings)?\.\w+)(\.\w+)*", node.value)
                 pending += [named.group(1)] if named else []
-    return {path for path in found if path.name != "__init__.py" or not docstring_only(path)}
+    return frozenset(path for path in found if path.name != "__init__.py" or not docstring_only(path))
 
 
 def docstring_only(path: Path) -> bool:
@@ -156,17 +160,164 @@ def test_every_setting_reruns_some_stage(stages):
 
 
 def test_torch_stages_declare_the_compute_settings(stages):
-    """compute.* decides the bytes of every result torch computes (pipeline/stage.py)."""
+    """compute.* decides the bytes of every result torch computes (pipeline/stage.py): every stage but NOT_TORCH's."""
     for stage in stages:
-        module = command_module(stage)
-        without_torch = (
-            "stages.check",
-            "stages.data",
-            "stages.mixture",
-            "stages.tokenize",
-            "stages.select",
-            "stages.report",
-            "stages.hub",
-        )
-        computes = module not in without_torch
+        computes = not any(fnmatch(stage.name, name) for name in NOT_TORCH)
         assert ("compute" in stage_params(stage)) == computes, stage.addressing
+
+
+# What each setting may make stale besides the check stage (which reads all of params.yaml): a
+# stage per entry of a named collection for that entry's settings (each kind's, from
+# pipeline/kinds.py), the stages of one kind for a section's shared settings. Keys are matched by
+# their first parts; `{}` is the entry's name, a leading `!` leaves stages out.
+NOT_TORCH = ("check", "hub@*", "data", "tokenize", "select", "mixture", "report")  # every other stage computes
+SFT_STAGES = ("finetune", "dense", "moe_finetune", "dpo", "adapter", "qat")
+EVAL_STAGES = tuple(kind.eval_stage for kind in KINDS)
+READERS = {
+    "hub.{}": ["hub@{}"],
+    "compute": ["*", *(f"!{name}" for name in NOT_TORCH)],
+    "data": ["data"],
+    "tokenize": ["tokenize"],
+    "pretrain": ["pretrain"],
+    "eval": [f"{kind}@*" for kind in EVAL_STAGES],
+    "eval.max_gen_tokens": [f"{kind}@*" for kind in EVAL_STAGES] + ["gguf@*"],
+    "sft": [f"{kind}@*" for kind in SFT_STAGES],
+    "finetune.base_model": ["finetune@*", "adapter@*", "qat@*"],
+    "finetune.replay_text": ["finetune@*", "adapter@*", "qat@*", "dense@*", "moe_finetune@*"],
+    "finetune.defaults": ["finetune@*", "adapter@*", "qat@*"],
+    "merge.dtype": ["merge@*"],
+    "merge.seed": ["merge@*"],
+    "select": ["select"],
+    "moe": ["moe@*"],
+    "mixture.weights": ["mixture"],
+    "mixture.rows": ["mixture"],
+    "mixture.seed": ["mixture"],
+    "mixture.defaults": ["dense@*", "moe_finetune@*"],
+    "mixture.router_aux_loss_coef": ["moe_finetune@*"],
+    "dpo": ["dpo@*"],
+    "gguf": ["gguf@*"],
+    **{f"{kind.section}.{{}}": [f"{kind.stage}@{{}}"] for kind in KINDS if kind.section},
+    **{f"{section}.{{}}": [f"{name}@{{}}"] for name, (section, _) in EXPORTS.items()},
+}
+
+
+def readers(key: str, names: set[str]) -> set[str]:
+    """The stages among `names` that READERS says may read `key` (its most specific pattern), and check."""
+    parts = key.split(".")
+    for length in range(len(parts), 0, -1):
+        for pattern, stages in READERS.items():
+            pattern_parts = pattern.split(".")
+            if len(pattern_parts) != length:
+                continue
+            entry = next((part for part, want in zip(parts, pattern_parts, strict=False) if want == "{}"), None)
+            if all(want in ("{}", part) for part, want in zip(parts, pattern_parts, strict=False)):
+                wanted = [stage.replace("{}", entry or "") for stage in stages]
+                left_out = [want[1:] for want in wanted if want.startswith("!")]
+                return {"check"} | {
+                    name
+                    for name in names
+                    if any(fnmatch(name, want) for want in wanted) and not any(fnmatch(name, out) for out in left_out)
+                }
+    raise AssertionError(f"READERS has no pattern for {key}")
+
+
+def set_leaf(config: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+    config[last] = value
+
+
+@pytest.mark.parametrize("profile", sorted(path.stem for path in (PROJECT_ROOT / "profiles").glob("*.yaml")))
+def test_a_setting_makes_stale_exactly_the_stages_that_read_it(profile, monkeypatch):
+    """For every leaf of each profile's settings (the defaults params.yaml leaves out included),
+    DVC's own params comparison (dvc.dependency.param, on params.yaml's content as it would be read)
+    finds stale exactly the stages READERS names. One process: the file's content is swapped in memory."""
+    import copy
+
+    import dvc.dependency.param as dvc_params
+    from dvc.repo import Repo
+
+    from pipeline.settings.base import read_yaml
+    from stages.check import profile_project
+
+    with profile_project(profile, PROJECT_ROOT) as mirror, Repo(str(mirror)) as repo:
+        stages = list(repo.index.stages)
+        original = read_yaml(mirror / "params.yaml")
+        content = {"config": original}
+        monkeypatch.setattr(dvc_params, "load_path", lambda *args, **kwargs: content["config"])
+        deps = [
+            (stage.name, dep) for stage in stages for dep in stage.deps if isinstance(dep, dvc_params.ParamsDependency)
+        ]
+        for _, dep in deps:
+            dep.fill_values(dep.read_params())  # as dvc.lock would record them
+        names = {stage.name for stage in stages}
+        problems = []
+        for key in sorted(set(leaf_keys(Params()) + leaf_keys(load_params(mirror / "params.yaml")))):
+            content["config"] = copy.deepcopy(original)
+            set_leaf(content["config"], key, "a changed value")
+            # a dep reads only the sections it declares (the whole file when it declares none): the others
+            # cannot have changed, and DVC's key lookup is slow (milliseconds each)
+            section = key.split(".")[0]
+            maybe = [
+                (name, dep) for name, dep in deps if not dep.params or section in {p.split(".")[0] for p in dep.params}
+            ]
+            stale = {name for name, dep in maybe if dep.workspace_status()}
+            expected = readers(key, names)
+            if stale != expected:
+                problems.append(f"{key}: stales {sorted(stale - expected)} too, not {sorted(expected - stale)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_settings_module_is_code_of_the_stages_that_read_its_section_only(stages):
+    """A comment in one section's schema reruns the stages that read that section (and check),
+    not every stage: each pipeline/settings/<section>.py is a dependency of those alone."""
+    names = {stage.name for stage in stages}
+    problems = []
+    for module in sorted((PROJECT_ROOT / "pipeline/settings").glob("*.py")):
+        section = module.stem
+        if section not in Params.model_fields:
+            continue  # base.py, stage_view.py (every stage's), params_file.py (check's)
+        dependents = {stage.name for stage in stages if module in files(stage)}
+        readers_of_section = {
+            stage.name for stage in stages if any(k.split(".")[0] == section for k in stage_params(stage))
+        }
+        importers = {stage.name for stage in stages if module in project_imports(command_module(stage))}
+        if dependents != {"check"} | readers_of_section | importers or dependents == names:
+            problems.append(f"{module.name}: a dependency of {sorted(dependents)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_kind_of_model_is_made_and_evaluated_as_its_registry_entry_says(stages):
+    """pipeline/kinds.py against dvc.yaml: per entry of the kind's params collection, its stage makes a
+    model folder, its eval stage evaluates that folder as `<kind>/<entry>`, an optional run's own
+    metrics go to metrics/runs/<runs_metrics>/; and every eval stage is some kind's."""
+    from pipeline.kinds import KINDS
+    from stages.check import entries
+
+    params = load_params(Path(stages[0].repo.root_dir) / "params.yaml")
+    by_name = {stage.name: stage for stage in stages}
+    problems = []
+    for kind in KINDS:
+        names = entries(params, kind.section) if kind.section else ["pretrain"]  # dvc.yaml's vars base_models
+        for entry in names:
+            evaluation = by_name.get(f"{kind.eval_stage}@{entry}")
+            if evaluation is None:
+                problems.append(f"{kind.name}/{entry}: no stage {kind.eval_stage}@{entry}")
+                continue
+            words = evaluation.cmd.split()
+            model = Path(evaluation.repo.root_dir) / words[words.index("--model") + 1]
+            if words[words.index("--name") + 1] != f"{kind.name}/{entry}":
+                problems.append(f"{evaluation.name} does not evaluate it as {kind.name}/{entry}")
+            if kind.stage is None:
+                continue
+            maker = by_name.get(f"{kind.stage}@{entry}")
+            outs = [Path(out.fs_path) for out in maker.outs] if maker else []
+            if not outs or outs[0] != model:
+                problems.append(f"{kind.name}/{entry}: {kind.stage}@{entry} does not make {model}, which it evaluates")
+            if kind.runs_metrics and not any(f"/metrics/runs/{kind.runs_metrics}/" in str(out) for out in outs):
+                problems.append(f"{kind.stage}@{entry} writes no metrics under metrics/runs/{kind.runs_metrics}/")
+    evaluated = {kind.eval_stage for kind in KINDS}
+    problems += [f"{name}: an eval stage of no kind" for name in by_name if "stages.eval " in by_name[name].cmd + " "
+                 and name.split("@")[0] not in evaluated]  # fmt: skip
+    assert not problems, "\n".join(problems)

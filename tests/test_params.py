@@ -458,7 +458,7 @@ def test_the_data_stage_writes_the_files_check_expects(tmp_path):
 
 
 def test_sft_dataset_types_are_the_ones_the_sft_code_reads():
-    from pipeline.sft import DATASET_FORMATS
+    from pipeline.records import DATASET_FORMATS
 
     assert set(SFT_DATASET_SUFFIXES) == set(DATASET_FORMATS)
 

@@ -22,7 +22,7 @@ SKILLS = ("addition", "sorting", "comparison", "counting")  # stages/data.py gen
 # model's folder): every stage that may read such a file depends on this folder (dvc.yaml).
 LOCAL_INPUTS = "data/local"
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-SFT_DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")  # pipeline/sft.py DATASET_FORMATS (a test checks they agree)
+SFT_DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")  # pipeline/records.py DATASET_FORMATS (a test checks they agree)
 REPLAY_TEXT_SUFFIXES = (".jsonl", ".parquet")  # what pipeline/sft.py read_texts reads
 TASK_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # stages/eval.py TASK_DATA_LOADERS (a test checks they agree)
 CORPUS_SPLITS = ("train", "val", "test")  # the data stage's corpus files, <split>.jsonl

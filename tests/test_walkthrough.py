@@ -1,0 +1,125 @@
+"""docs/contributing.md's new-stage walkthrough, followed literally on a copy of the project.
+
+Each annotated code block of the document is applied as it says (a new file, text appended, text
+inserted after a line), then the new `prune` stage runs through DVC on a tiny pretrained model and
+the copy's own tests/test_graph.py checks its declarations.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from pipeline.settings.base import PROJECT_ROOT
+from tests.project import commit_all, copy_project, dvc, set_params, sh, stages_run
+
+pytestmark = pytest.mark.slow  # data, tokenize, pretrain, prune and eval through DVC: about a minute
+
+DOC = PROJECT_ROOT / "docs" / "contributing.md"
+# ```<language> <attributes>, the code, then ``` alone on a line; blocks without attributes are prose
+BLOCK = re.compile(r"^```\w+ (?P<attributes>[^\n]+)\n(?P<code>.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def edits(text: str) -> list[tuple[dict[str, str], str]]:
+    """(attributes, code) of each annotated block: file=, append-to=, or insert-after= with file=."""
+    return [
+        (dict(word.split("=", 1) for word in shlex.split(match["attributes"])), match["code"])
+        for match in BLOCK.finditer(text)
+    ]
+
+
+def apply(root: Path, attributes: dict[str, str], code: str) -> None:
+    if "append-to" in attributes:
+        path = root / attributes["append-to"]
+        path.write_text(path.read_text().rstrip("\n") + "\n\n" + code)
+    elif "insert-after" in attributes:
+        path, anchor = root / attributes["file"], attributes["insert-after"]
+        lines = path.read_text().splitlines(keepends=True)
+        where = [i for i, line in enumerate(lines) if line.rstrip("\n") == anchor]
+        assert len(where) == 1, f"{attributes['file']} has the line {anchor!r} {len(where)} times, not once"
+        lines.insert(where[0] + 1, code)
+        path.write_text("".join(lines))
+    else:
+        path = root / attributes["file"]
+        assert not path.exists(), f"{attributes['file']} exists already"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(code)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the project with the walkthrough applied, one prune run, and data and model shrunk
+    (as tests/test_dvc_pipeline.py does) for what the prune run needs: data, tokenize, pretrain."""
+    root = copy_project(tmp_path_factory.mktemp("walkthrough") / "project")
+    (root / "dvc.lock").unlink()  # the committed lock belongs to the default settings
+    blocks = edits(DOC.read_text())
+    assert {"stages/prune.py", "pipeline/settings/prune.py"} <= {a.get("file") for a, _ in blocks}
+    for attributes, code in blocks:
+        apply(root, attributes, code)
+    set_params(
+        root,
+        prune__runs={"small": {"model": "models/pretrain", "sparsity": 0.5}},
+        data__world__corpus_megabytes=0.2,
+        data__skills__train_examples=100,
+        data__skills__eval_examples=20,
+        data__story_eval_examples=20,
+        pretrain__model__hidden_size=32,
+        pretrain__model__num_layers=2,
+        pretrain__model__num_heads=2,
+        pretrain__model__num_kv_heads=2,
+        pretrain__model__intermediate_size=64,
+        pretrain__model__max_position_embeddings=64,
+        pretrain__seq_len=32,
+        pretrain__micro_batch_size=8,
+        pretrain__batch_tokens=256,
+        pretrain__max_steps=20,
+        pretrain__warmup_steps=2,
+        pretrain__eval_interval=10,
+        pretrain__checkpoint_interval=10,
+        pretrain__sample_max_new_tokens=4,
+        pretrain__peak_flops=1.0e11,
+        eval__limit=4,
+    )
+    commit_all(root)  # profiles apply over the committed params.yaml: the graph tests see prune@small
+    return root
+
+
+def test_make_check_passes(project):
+    sh(project, sys.executable, "-m", "stages.check")
+
+
+def test_the_pruned_model_is_made_and_evaluated(project):
+    result = dvc(project, "repro", "prune@small", "eval_pruned@small")
+    assert {"prune@small", "eval_pruned@small"} <= stages_run(result)
+    weights = load_file(project / "models/pruned/small/model.safetensors")
+    linear = {name: w for name, w in weights.items() if name.startswith("model.layers.") and w.dim() == 2}
+    assert len(linear) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    for name, weight in linear.items():
+        assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
+    assert (weights["model.embed_tokens.weight"] == 0).float().mean().item() < 0.01
+    assert (project / "metrics/eval/pruned/small.json").is_file()
+    lineage = json.loads((project / "metrics/eval_raw/pruned/small/lineage.json").read_text())
+    assert (lineage["kind"], lineage["parents"]) == ("pruned", ["base/pretrain"])
+    assert json.loads((project / "metrics/runs/prune/small.json").read_text())["sparsity/linear"] == 0.5
+
+
+def test_the_copys_graph_tests_pass(project):
+    """The copy's own tests/test_graph.py, run in the copy: its PROJECT_ROOT is the copy's. The prune
+    run of params.yaml is in every profile alike: the sensitivity test reads two of them."""
+    result = sh(project, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_graph.py",
+                "-k", "not gpu-small and not phi3-moe", check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    # what the derivation reads: the copy, with the walkthrough's READERS entries
+    probe = "from tests.test_graph import PROJECT_ROOT, READERS; print(PROJECT_ROOT, 'prune.runs.{}' in READERS)"
+    assert sh(project, sys.executable, "-c", probe).stdout.split() == [str(project.resolve()), "True"]
+
+
+def test_make_clean_covers_the_new_outputs(project):
+    listed = sh(project, sys.executable, "-m", "tools.dvc_outputs", "--dry-run").stdout
+    assert "models/pruned" in listed and "metrics/runs/prune" in listed
