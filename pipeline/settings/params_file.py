@@ -35,6 +35,7 @@ from pipeline.settings.qat import QATSettings
 from pipeline.settings.quantize import QuantizeSettings
 from pipeline.settings.select import SelectSettings
 from pipeline.settings.sft import SFTSettings
+from pipeline.settings.stage_view import section_path_settings
 from pipeline.settings.tokenize import TokenizeSettings
 
 
@@ -157,12 +158,7 @@ def load_params(path: Path | str = PROJECT_ROOT / "params.yaml") -> Params:
 
 def path_settings(params: Params, root: Path = PROJECT_ROOT) -> dict[str, PathSetting]:
     """The settings that name a file or folder some stage reads, by dotted key."""
-    return {
-        f"{section}.{key}": setting
-        for section in Params.model_fields
-        if isinstance(value := getattr(params, section), Section)
-        for key, setting in value.paths(root).items()
-    }
+    return section_path_settings({section: getattr(params, section) for section in Params.model_fields}, root)
 
 
 def input_paths(params: Params, root: Path = PROJECT_ROOT) -> dict[str, Path]:

@@ -65,15 +65,20 @@ def load_section(section: str, raw: dict[str, Any], source: str) -> Any:
         raise ParamsError(format_validation_error(error, source, schema, section)) from None
 
 
-def section_paths(sections: dict[str, Any], root: Path) -> dict[str, Path]:
-    """Dotted key -> absolute path, for the settings of these sections that name a file or folder."""
-    named: dict[str, PathSetting] = {
+def section_path_settings(sections: dict[str, Any], root: Path) -> dict[str, PathSetting]:
+    """The settings of these sections (name -> validated section) that name a file or folder some
+    stage reads, by dotted key."""
+    return {
         f"{section}.{key}": setting
         for section, value in sections.items()
         if isinstance(value, Section)
         for key, setting in value.paths(root).items()
     }
-    return {key: root / setting.path for key, setting in named.items()}
+
+
+def section_paths(sections: dict[str, Any], root: Path) -> dict[str, Path]:
+    """Dotted key -> absolute path, for the settings of these sections that name a file or folder."""
+    return {key: root / setting.path for key, setting in section_path_settings(sections, root).items()}
 
 
 def undeclared_inputs(stage: str, keys: list[str], files: list[Path], named: dict[str, Path], root: Path) -> list[str]:
