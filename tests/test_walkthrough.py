@@ -123,3 +123,12 @@ def test_the_copys_graph_tests_pass(project):
 def test_make_clean_covers_the_new_outputs(project):
     listed = sh(project, sys.executable, "-m", "tools.dvc_outputs", "--dry-run").stdout
     assert "models/pruned" in listed and "metrics/runs/prune" in listed
+
+
+def test_the_walkthroughs_code_passes_the_linter(project):
+    """ruff leaves docs/ alone (its blocks include fragments): the files they make must pass it here."""
+    ruff = Path(sys.executable).with_name("ruff")
+    files = ["stages/prune.py", "pipeline/settings/prune.py", "pipeline/settings/params_file.py", "pipeline/kinds.py"]
+    for command in (["check"], ["format", "--check"]):
+        result = sh(project, str(ruff), *command, *files, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
