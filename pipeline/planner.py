@@ -116,7 +116,8 @@ def path_problems(params: Params, planned: dict[Path, PlannedOutput], root: Path
     return problems
 
 
-def _lookup(node: Any, key: str) -> Any:
+def lookup(node: Any, key: str) -> Any:
+    """The value at dotted `key` (e.g. `finetune.experts`) of validated params."""
     for part in key.split("."):
         node = node[part] if isinstance(node, dict) else getattr(node, part)
     return node
@@ -156,7 +157,7 @@ def check(root: Path = PROJECT_ROOT) -> list[str]:
             problems.extend(undeclared_inputs(stage.name, list(datasets), stage_files(stage), datasets, root))
         for key in keys:
             try:
-                _lookup(params, key)
+                lookup(params, key)
             except (AttributeError, KeyError):
                 problems.append(
                     f"dvc.yaml: stage {stage.name!r} declares params key {key!r}, "

@@ -38,7 +38,7 @@ from pipeline.atomic import write_text
 from pipeline.corpus import check_corpus_file
 from pipeline.dvc_lock import lock_stages
 from pipeline.kinds import KINDS
-from pipeline.planner import check, existing_input_files, load_stages
+from pipeline.planner import check, existing_input_files, load_stages, lookup
 from pipeline.preference import read_pairs
 from pipeline.roster import roster_of, write_roster
 from pipeline.settings.base import PROJECT_ROOT, InputError
@@ -51,14 +51,6 @@ log = logging.getLogger("stages.check")
 PASSED = "params.yaml, dvc.yaml and the input files they name passed the checks of stages/check.py\n"
 
 
-def entries(params: Params, collection: str) -> list[str]:
-    """The entry names of a params.yaml collection such as `finetune.experts`."""
-    node: Any = params
-    for part in collection.split("."):
-        node = getattr(node, part)
-    return list(node)
-
-
 def check_input_files(params: Params, root: Path, stages: list[Any]) -> None:
     """Raise InputError naming each existing input file its reader would reject, and where."""
     # the settings naming a data file, by kind (pipeline/kinds.py): preference pairs for dpo, else SFT rows
@@ -66,7 +58,7 @@ def check_input_files(params: Params, root: Path, stages: list[Any]) -> None:
         f"{kind.section}.{entry}.{setting}": kind.name
         for kind in KINDS
         if kind.section
-        for entry in entries(params, kind.section)
+        for entry in lookup(params, kind.section)
         for setting in kind.dataset_files
     }
     problems = []

@@ -19,6 +19,32 @@ BIN = Path(sys.executable).parent
 Completed = subprocess.CompletedProcess
 
 
+# The data, model and eval of the end-to-end tests' pipeline, shrunk so pretraining takes seconds
+# (set_params keys: `__` for each level).
+TINY_PRETRAINING: dict[str, object] = {
+    "data__world__corpus_megabytes": 0.2,
+    "data__skills__train_examples": 100,
+    "data__skills__eval_examples": 20,
+    "data__story_eval_examples": 20,
+    "pretrain__model__hidden_size": 32,
+    "pretrain__model__num_layers": 2,
+    "pretrain__model__num_heads": 2,
+    "pretrain__model__num_kv_heads": 2,
+    "pretrain__model__intermediate_size": 64,
+    "pretrain__model__max_position_embeddings": 64,
+    "pretrain__seq_len": 32,
+    "pretrain__micro_batch_size": 8,
+    "pretrain__batch_tokens": 256,
+    "pretrain__max_steps": 20,
+    "pretrain__warmup_steps": 2,
+    "pretrain__eval_interval": 10,
+    "pretrain__checkpoint_interval": 10,
+    "pretrain__sample_max_new_tokens": 4,
+    "pretrain__peak_flops": 1.0e11,
+    "eval__limit": 4,
+}
+
+
 def sh(project: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> Completed:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **(env or {})}
     result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import dvc_lock
-from tests.project import BIN, commit_all, copy_project, dvc, set_params, sh, stages_run
+from tests.project import BIN, TINY_PRETRAINING, commit_all, copy_project, dvc, set_params, sh, stages_run
 
 pytestmark = pytest.mark.slow  # the whole pipeline, several times over: minutes
 
@@ -36,26 +36,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "dvc.lock").unlink()
     set_params(
         root,
-        data__world__corpus_megabytes=0.2,
-        data__skills__train_examples=100,
-        data__skills__eval_examples=20,
-        data__story_eval_examples=20,
-        pretrain__model__hidden_size=32,
-        pretrain__model__num_layers=2,
-        pretrain__model__num_heads=2,
-        pretrain__model__num_kv_heads=2,
-        pretrain__model__intermediate_size=64,
-        pretrain__model__max_position_embeddings=64,
-        pretrain__seq_len=32,
-        pretrain__micro_batch_size=8,
-        pretrain__batch_tokens=256,
-        pretrain__max_steps=20,
-        pretrain__warmup_steps=2,
-        pretrain__eval_interval=10,
-        pretrain__checkpoint_interval=10,
-        pretrain__sample_max_new_tokens=4,
-        pretrain__peak_flops=1.0e11,
-        eval__limit=4,
+        **TINY_PRETRAINING,
         finetune__defaults__max_steps=5,
         finetune__defaults__micro_batch_size=8,
         finetune__defaults__sequence_len=64,

@@ -293,13 +293,13 @@ def test_every_kind_of_model_is_made_and_evaluated_as_its_registry_entry_says(st
     model folder, its eval stage evaluates that folder as `<kind>/<entry>`, an optional run's own
     metrics go to metrics/runs/<runs_metrics>/; and every eval stage is some kind's."""
     from pipeline.kinds import KINDS
-    from stages.check import entries
+    from pipeline.planner import lookup
 
     params = load_params(Path(stages[0].repo.root_dir) / "params.yaml")
     by_name = {stage.name: stage for stage in stages}
     problems = []
     for kind in KINDS:
-        names = entries(params, kind.section) if kind.section else ["pretrain"]  # dvc.yaml's vars base_models
+        names = list(lookup(params, kind.section)) if kind.section else ["pretrain"]  # dvc.yaml's vars base_models
         for entry in names:
             evaluation = by_name.get(f"{kind.eval_stage}@{entry}")
             if evaluation is None:

@@ -23,6 +23,9 @@ from dvc_data.hashfile.meta import Meta
 from dvc_data.hashfile.tree import Tree
 from ruamel.yaml import YAML
 
+from pipeline.dvc_lock import lock_stages
+from tools.dvc_outputs import inside
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,7 +48,7 @@ def load_yaml(path: Path) -> Any:
 @pytest.fixture(scope="module")
 def lock() -> dict[str, dict[str, Any]]:
     """Stage name (`finetune@addition`) -> its entry in the committed dvc.lock."""
-    return (load_yaml(ROOT / "dvc.lock") or {}).get("stages") or {}
+    return lock_stages((ROOT / "dvc.lock").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +70,6 @@ def tracked() -> set[str]:
     if listed.returncode != 0:
         pytest.skip("not a git checkout: which files are the committed code is unknown")
     return {path for path in listed.stdout.split("\0") if path}
-
-
-def inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def md5_of(path: str, tracked: set[str], outputs: set[str]) -> str | None:

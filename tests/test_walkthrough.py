@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pipeline.settings.base import PROJECT_ROOT
-from tests.project import commit_all, copy_project, dvc, set_params, sh, stages_run
+from tests.project import TINY_PRETRAINING, commit_all, copy_project, dvc, set_params, sh, stages_run
 
 pytestmark = pytest.mark.slow  # data, tokenize, pretrain, prune and eval through DVC: about a minute
 
@@ -65,26 +65,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     set_params(
         root,
         prune__runs={"small": {"model": "models/pretrain", "sparsity": 0.5}},
-        data__world__corpus_megabytes=0.2,
-        data__skills__train_examples=100,
-        data__skills__eval_examples=20,
-        data__story_eval_examples=20,
-        pretrain__model__hidden_size=32,
-        pretrain__model__num_layers=2,
-        pretrain__model__num_heads=2,
-        pretrain__model__num_kv_heads=2,
-        pretrain__model__intermediate_size=64,
-        pretrain__model__max_position_embeddings=64,
-        pretrain__seq_len=32,
-        pretrain__micro_batch_size=8,
-        pretrain__batch_tokens=256,
-        pretrain__max_steps=20,
-        pretrain__warmup_steps=2,
-        pretrain__eval_interval=10,
-        pretrain__checkpoint_interval=10,
-        pretrain__sample_max_new_tokens=4,
-        pretrain__peak_flops=1.0e11,
-        eval__limit=4,
+        **TINY_PRETRAINING,
     )
     commit_all(root)  # profiles apply over the committed params.yaml: the graph tests see prune@small
     return root
