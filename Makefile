@@ -18,12 +18,14 @@ export DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 
-.PHONY: install browser profile run llama-cpp test test-scale lint check bench lock clean
+.PHONY: install browser profile run compare diff llama-cpp test test-scale lint check bench lock clean docs
 
 # PROFILE=<name> (profiles/<name>.yaml: tiny, gpu-small, phi3-moe, post-sft) selects another experiment:
 # `make run PROFILE=gpu-small` writes it into params.yaml first (pipeline/profiles.py), `make check
 # PROFILE=...` only validates it. Left empty, params.yaml is used as it stands.
 PROFILE ?=
+# REV=<commit, branch or experiment>: what `make diff` compares the workspace with.
+REV ?=
 
 $(INSTALLED): requirements/lock.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "error: Python 3.11 is required (axolotl 0.19); set PYTHON=/path/to/python3.11")'
@@ -44,7 +46,16 @@ profile: install  ## write PROFILE's settings into params.yaml (refuses to overw
 
 run: install  ## the default experiment (or PROFILE's), end to end; its first stage, `check`, validates everything
 	$(if $(PROFILE),$(BIN)/python -m pipeline.profiles apply $(PROFILE))
+	@# say which settings run: a profile applied earlier, or a `dvc exp run -S`, stays in params.yaml
+	@$(BIN)/python -m pipeline.profiles which
 	$(BIN)/dvc repro
+
+compare: install  ## the workspace, HEAD and its experiments side by side: headline metrics, settings that differ
+	@$(BIN)/python -m tools.compare
+
+diff: install  ## headline metrics and settings of the workspace against REV (a commit, branch or experiment)
+	@[ -n "$(REV)" ] || { echo "error: name a revision: make diff REV=<commit, branch or experiment>"; exit 2; }
+	@$(BIN)/python -m tools.compare --rev $(REV)
 
 llama-cpp: install  ## llama.cpp for the gguf stage: built once (minutes) from a pinned source, cached outside the project
 	$(BIN)/python -m pipeline.llama_cpp
@@ -66,6 +77,9 @@ browser:
 lint: install  ## ruff: lint rules and formatting, no changes made (CI runs it first: .ci/run)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+docs: install  ## regenerate docs/reference/settings.md from the schema (pipeline/settings/); tests check it is current
+	$(BIN)/python -m tools.settings_reference
 
 check: install  ## validate params.yaml (or PROFILE's settings), dvc.yaml's declarations and the input files; no compute
 	$(BIN)/python -m stages.check $(if $(PROFILE),--profile $(PROFILE))

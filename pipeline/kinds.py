@@ -4,7 +4,7 @@ what the report shows of it. A model's id is `<kind>/<name>`; its scores are in
 metrics/eval/<kind>/<name>.json.
 
 Read by the report and the check stage only (a change here reruns those two); tests/test_graph.py
-holds dvc.yaml to it. Adding a kind: docs/contributing.md.
+holds dvc.yaml to it. Adding a kind: docs/design/contributing.md.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python -m pipeline.profiles show gpu-small    # the settings of the profile (params.yaml + overlay)
     python -m pipeline.profiles apply gpu-small   # write them into params.yaml; then `dvc repro`
+    python -m pipeline.profiles which             # what params.yaml holds: a profile, and edits of your own
     python -m stages.check --profile gpu-small    # validate them offline; params.yaml untouched
 
 profiles/<name>.yaml holds only the keys that differ from params.yaml (tiny.yaml is empty: the
@@ -13,8 +14,10 @@ own experts gets exactly those, not the default four plus its own.
 
 `apply` merges over the committed params.yaml (`git show HEAD:params.yaml`; outside git, the
 file itself), keeping the comments of the keys it leaves alone, validates the result and writes
-it atomically. It refuses when params.yaml holds edits of the user's own (neither the committed
-file nor exactly some profile's settings), so no edit is lost and switching A -> B -> tiny works.
+it atomically. It refuses when params.yaml holds edits of the user's own (settings that are
+neither the committed file's nor exactly some profile's: typically a `dvc exp run -S`), naming them
+and the command that drops them, so no edit is lost and switching A -> B -> tiny works. Settings
+are compared, not text: DVC's `-S` rewrites params.yaml's layout.
 """
 
 from __future__ import annotations
@@ -220,31 +223,81 @@ def profile_text(name: str, root: Path = PROJECT_ROOT, base_text: str | None = N
     return text
 
 
+def _leaves(mapping: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every setting of a nested mapping that is not a mapping itself."""
+    if not isinstance(mapping, dict) or not mapping:
+        return {prefix.rstrip("."): mapping} if prefix else {}
+    found: dict[str, Any] = {}
+    for key, value in mapping.items():
+        found.update(_leaves(value, f"{prefix}{key}."))
+    return found
+
+
+def differences(current: dict, base: dict) -> list[str]:
+    """`key = value (was value)` for every setting in which `current` differs from `base`."""
+    now, before = _leaves(current), _leaves(base)
+    return [
+        f"{key} = {now.get(key, '(removed)')} (was {before.get(key, '(absent)')})"
+        for key in sorted(now.keys() | before.keys())
+        if now.get(key, _ABSENT) != before.get(key, _ABSENT)
+    ]
+
+
+_ABSENT = object()
+
+
+def closest_profile(current: dict, root: Path = PROJECT_ROOT, base_text: str | None = None) -> tuple[str, list[str]]:
+    """The profile whose settings params.yaml is closest to, and the edits on top of it. Settings are
+    compared, not text: `dvc exp run -S` rewrites params.yaml's layout."""
+    base_text = committed_params(root) if base_text is None else base_text
+    candidates = {name: _load(profile_text(name, root, base_text), name) for name in profile_names(root)}
+    return min(((name, differences(current, given)) for name, given in candidates.items()), key=lambda c: len(c[1]))
+
+
+def describe(root: Path = PROJECT_ROOT) -> str:
+    """One line on what params.yaml holds: a profile, and any edits of the user's own on top of it."""
+    path = root / "params.yaml"
+    name, edits = closest_profile(_load(path.read_text(), str(path)), root)
+    if not edits:
+        back = "" if name == DEFAULT_PROFILE else f" (`make run PROFILE={DEFAULT_PROFILE}` goes back to the default)"
+        return f"params.yaml holds profile {name!r}{back}"
+    return f"params.yaml holds profile {name!r} with edits of your own: {'; '.join(edits)}"
+
+
 def apply(name: str, root: Path = PROJECT_ROOT) -> Path:
     """Write profile `name` into root/params.yaml; refuse (nothing written) to overwrite edits of the user's own."""
     path = root / "params.yaml"
     base_text = committed_params(root)
     text = profile_text(name, root, base_text)
-    current = path.read_text() if path.is_file() else base_text
-    if current not in (base_text, text):
-        known = {other: profile_text(other, root, base_text) for other in profile_names(root) if other != name}
-        if current not in known.values():
-            raise InputError(
-                f"{path} has edits of your own: it is neither the committed file nor the settings of a profile "
-                f"({', '.join(profile_names(root))}). Commit them, move them into a profile "
-                f"({PROFILES_DIR}/<name>.yaml), or drop them (`git checkout params.yaml`), then apply the profile again"
-            )
+    current = _load(path.read_text(), str(path)) if path.is_file() else _load(base_text, "params.yaml")
+    closest, edits = closest_profile(current, root, base_text)
+    if edits:
+        raise InputError(
+            f"{path.name} holds edits of your own on top of profile {closest!r}, which applying profile "
+            f"{name!r} would lose: {'; '.join(edits)}.\n"
+            f"If they are the settings of your last `dvc exp run -S`, DVC keeps them with that experiment "
+            f"(`dvc exp show`; `dvc exp apply <name>` brings them back). To drop them and run profile {name!r}: "
+            f"`git checkout params.yaml && make run PROFILE={name}`. To keep them, put them in "
+            f"{PROFILES_DIR}/{name}.yaml (or a new profile) or commit them"
+        )
     write_text(path, text)
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("show", "apply"), help="show: print the settings; apply: write params.yaml")
-    parser.add_argument("name", help="a profile: the name of a file in profiles/ without .yaml")
+    parser.add_argument(
+        "command", choices=("show", "apply", "which"),
+        help="show: print the settings; apply: write params.yaml; which: say what params.yaml holds",
+    )  # fmt: skip
+    parser.add_argument("name", nargs="?", help="a profile: the name of a file in profiles/ without .yaml")
     args = parser.parse_args(argv)
+    if args.command != "which" and not args.name:
+        parser.error(f"{args.command} needs a profile: {', '.join(profile_names())}")
     try:
-        if args.command == "show":
+        if args.command == "which":
+            print(describe())
+        elif args.command == "show":
             sys.stdout.write(profile_text(args.name))
         else:
             path = apply(args.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,45 @@ def copy_project(root: Path) -> Path:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, root / name)
     return root
+
+
+# ```<language> <attributes>, the code, then ``` alone on a line
+CODE_BLOCK = re.compile(r"^```(?P<language>\w*)(?P<attributes>[^\n]*)\n(?P<code>.*?)^```$", re.MULTILINE | re.DOTALL)
+EDITS = {"file", "append-to", "insert-after"}  # the attributes of a block that edits the project
+
+
+def code_blocks(text: str) -> list[tuple[int, str, dict[str, str], str]]:
+    """(line, language, attributes, code) of each fenced block of a Markdown text; an attribute
+    without `=` (``yaml params``) has the value ""."""
+    return [
+        (
+            text.count("\n", 0, match.start()) + 1,
+            match["language"],
+            dict((word.split("=", 1) + [""])[:2] for word in shlex.split(match["attributes"])),
+            match["code"],
+        )
+        for match in CODE_BLOCK.finditer(text)
+    ]
+
+
+def apply_edit(root: Path, attributes: dict[str, str], code: str) -> None:
+    """Apply a documentation block that edits the project: file= (a new file), append-to=, or
+    insert-after=<line> with file=, as docs/design/contributing.md annotates them."""
+    if "append-to" in attributes:
+        path = root / attributes["append-to"]
+        path.write_text(path.read_text().rstrip("\n") + "\n\n" + code)
+    elif "insert-after" in attributes:
+        path, anchor = root / attributes["file"], attributes["insert-after"]
+        lines = path.read_text().splitlines(keepends=True)
+        where = [i for i, line in enumerate(lines) if line.rstrip("\n") == anchor]
+        assert len(where) == 1, f"{attributes['file']} has the line {anchor!r} {len(where)} times, not once"
+        lines.insert(where[0] + 1, code)
+        path.write_text("".join(lines))
+    else:
+        path = root / attributes["file"]
+        assert not path.exists(), f"{attributes['file']} exists already"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(code)
 
 
 def commit_all(project: Path) -> None:

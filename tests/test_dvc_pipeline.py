@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -427,6 +428,20 @@ def test_experiment_with_set_param(project):
     text = json.dumps(shown)
     assert '"max_gen_tokens": 8' in text and '"max_gen_tokens": 16' in text
     assert '"val/loss"' in text and '"all_skills/exact_match"' in text
+
+    # `make compare`: one row per run, the headline metrics and only the setting that differs
+    headline = json.loads((project / "metrics/headline.json").read_text())
+    table = sh(project, sys.executable, "-m", "tools.compare").stdout.splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header == ["run", *sorted(k for k in headline if k.endswith(("/best_em", "/diff", "/p_adj"))),
+                      "eval.max_gen_tokens"]  # fmt: skip
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:5])}
+    assert len(rows) == 3 and rows["workspace"][-1] == "8"  # the workspace, the baseline commit, the experiment
+    assert rows["workspace"][header.index("moe_trained/best_em")] == str(headline["moe_trained/best_em"])
+    # `make diff REV=HEAD`: against the commit, the setting that moved
+    assert (
+        "| eval.max_gen_tokens | 16 | 8 |" in sh(project, sys.executable, "-m", "tools.compare", "--rev", "HEAD").stdout
+    )
 
 
 # A team's shared cache: one default remote, committed in .dvc/config, so every clone pushes to and

@@ -185,6 +185,12 @@ def test_pretrain_settings_are_checked_together(tmp_path, pretrain, expected):
     assert "pretrain" in message and expected in message
 
 
+def test_a_mixture_weight_cannot_be_negative(tmp_path):
+    """The mixture stage divides by the weights' sum: a negative one would give another expert more rows."""
+    message = params_error(tmp_path, "mixture: {weights: {addition: 1, sorting: -0.5}}\n")
+    assert "mixture.weights.sorting: Input should be greater than or equal to 0" in message
+
+
 def test_expert_names_need_only_be_plain(tmp_path):
     """Model ids carry their kind (expert/moe is not moe/<variant>), so moe* and pretrain are expert names too."""
     names = ("moe", "pretrain", "addition", "sorting")  # the default merge recipes name addition and sorting

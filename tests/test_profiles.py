@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from dvc.utils.hydra import apply_overrides
 
 from pipeline import sft
 from pipeline.planner import check
-from pipeline.profiles import apply, merge_overlay, profile_names, profile_text, read_overlay, validate
+from pipeline.profiles import apply, describe, merge_overlay, profile_names, profile_text, read_overlay, validate
 from pipeline.roster import roster_of
 from pipeline.settings.base import PROJECT_ROOT, TASK_DATA_SUFFIXES, InputError, ParamsError
 from pipeline.settings.eval import EMBEDDED_TASKS, EvalSettings
@@ -88,11 +89,23 @@ def test_apply_switches_profiles_keeps_comments_and_never_overwrites_own_edits(t
     assert (switched.sft.adapter, switched.sft.lora_r, switched.merge.dtype) == ("qlora", 32, "bfloat16")
     assert switched.pretrain.model.hidden_size == 128 and switched.data.corpus.source == "synthetic"
 
+    assert (
+        describe(project) == "params.yaml holds profile 'phi3-moe' (`make run PROFILE=tiny` goes back to the default)"
+    )
     edited = params.read_text().replace("lora_r: 32", "lora_r: 16")
     params.write_text(edited)
-    with pytest.raises(InputError, match="has edits of your own"):
+    assert describe(project).endswith("profile 'phi3-moe' with edits of your own: sft.lora_r = 16 (was 32)")
+    with pytest.raises(InputError, match="edits of your own") as refused:
         apply("tiny", project)
+    assert "sft.lora_r = 16 (was 32)" in str(refused.value)  # what would be lost, and how to drop it
+    assert "`git checkout params.yaml && make run PROFILE=tiny`" in str(refused.value)
     assert params.read_text() == edited
+
+    # `dvc exp run -S` rewrites the whole file's layout: the same settings are no edit of one's own
+    params.write_text(profile_text("phi3-moe", project))
+    apply_overrides(params, ["sft.lora_r=32"])
+    assert params.read_text() != profile_text("phi3-moe", project)
+    apply("gpu-small", project)
 
     params.write_text(profile_text("phi3-moe", project))
     apply("tiny", project)

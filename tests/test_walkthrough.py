@@ -1,4 +1,4 @@
-"""docs/contributing.md's new-stage walkthrough, followed literally on a copy of the project.
+"""docs/design/contributing.md's new-stage walkthrough, followed literally on a copy of the project.
 
 Each annotated code block of the document is applied as it says (a new file, text appended, text
 inserted after a line), then the new `prune` stage runs through DVC on a tiny pretrained model and
@@ -8,8 +8,6 @@ the copy's own tests/test_graph.py checks its declarations.
 from __future__ import annotations
 
 import json
-import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -17,39 +15,22 @@ import pytest
 from safetensors.torch import load_file
 
 from pipeline.settings.base import PROJECT_ROOT
-from tests.project import TINY_PRETRAINING, commit_all, copy_project, dvc, set_params, sh, stages_run
+from tests.project import (
+    EDITS,
+    TINY_PRETRAINING,
+    apply_edit,
+    code_blocks,
+    commit_all,
+    copy_project,
+    dvc,
+    set_params,
+    sh,
+    stages_run,
+)
 
 pytestmark = pytest.mark.slow  # data, tokenize, pretrain, prune and eval through DVC: about a minute
 
-DOC = PROJECT_ROOT / "docs" / "contributing.md"
-# ```<language> <attributes>, the code, then ``` alone on a line; blocks without attributes are prose
-BLOCK = re.compile(r"^```\w+ (?P<attributes>[^\n]+)\n(?P<code>.*?)^```$", re.MULTILINE | re.DOTALL)
-
-
-def edits(text: str) -> list[tuple[dict[str, str], str]]:
-    """(attributes, code) of each annotated block: file=, append-to=, or insert-after= with file=."""
-    return [
-        (dict(word.split("=", 1) for word in shlex.split(match["attributes"])), match["code"])
-        for match in BLOCK.finditer(text)
-    ]
-
-
-def apply(root: Path, attributes: dict[str, str], code: str) -> None:
-    if "append-to" in attributes:
-        path = root / attributes["append-to"]
-        path.write_text(path.read_text().rstrip("\n") + "\n\n" + code)
-    elif "insert-after" in attributes:
-        path, anchor = root / attributes["file"], attributes["insert-after"]
-        lines = path.read_text().splitlines(keepends=True)
-        where = [i for i, line in enumerate(lines) if line.rstrip("\n") == anchor]
-        assert len(where) == 1, f"{attributes['file']} has the line {anchor!r} {len(where)} times, not once"
-        lines.insert(where[0] + 1, code)
-        path.write_text("".join(lines))
-    else:
-        path = root / attributes["file"]
-        assert not path.exists(), f"{attributes['file']} exists already"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(code)
+DOC = PROJECT_ROOT / "docs" / "design" / "contributing.md"
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +39,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (as tests/test_dvc_pipeline.py does) for what the prune run needs: data, tokenize, pretrain."""
     root = copy_project(tmp_path_factory.mktemp("walkthrough") / "project")
     (root / "dvc.lock").unlink()  # the committed lock belongs to the default settings
-    blocks = edits(DOC.read_text())
+    blocks = [
+        (attributes, code) for _, _, attributes, code in code_blocks(DOC.read_text()) if attributes.keys() & EDITS
+    ]
     assert {"stages/prune.py", "pipeline/settings/prune.py"} <= {a.get("file") for a, _ in blocks}
     for attributes, code in blocks:
-        apply(root, attributes, code)
+        apply_edit(root, attributes, code)
     set_params(
         root,
         prune__runs={"small": {"model": "models/pretrain", "sparsity": 0.5}},

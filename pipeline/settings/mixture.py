@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     Field,
@@ -49,10 +49,10 @@ class MixtureSettings(Section):
         default_factory=lambda: SFTOverrides(max_steps=400),
         description="What the mixture runs change of the shared `sft` settings.",
     )
-    weights: dict[str, float] = Field(
+    weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict,
-        description="Expert name -> weight of its SFT data in the mixture (default: every expert, weight 1). "
-        "Rows are drawn in these proportions.",
+        description="Expert name -> weight (>= 0) of its SFT data in the mixture; rows are drawn in these "
+        "proportions. Empty (the default): every expert, weight 1; otherwise an expert left out gets no rows.",
     )
     rows: int = Field(4000, ge=1, le=10_000_000, description="SFT rows in the mixture (replay passages come on top).")
     seed: int = Field(

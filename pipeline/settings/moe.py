@@ -18,8 +18,13 @@ from pipeline.settings.base import (
 class ExpertPrompts(Section):
     """Prompts that should (positive) or should not (negative) be routed to one MoE expert."""
 
-    positive: list[str] = Field(min_length=1)
-    negative: list[str] = Field(default_factory=list)
+    positive: list[str] = Field(
+        min_length=1, description="Prompts whose tokens should go to this expert (mergekit-moe positive_prompts)."
+    )
+    negative: list[str] = Field(
+        default_factory=list,
+        description="Prompts whose tokens should not go to this expert (mergekit-moe negative_prompts).",
+    )
 
 
 class MoEVariant(Section):
@@ -62,7 +67,9 @@ class MoESettings(Section):
         "merge: those of the experts it merges.",
     )
     prompt_examples: int = Field(4, ge=1, le=10_000, description="Questions per expert in the default prompts.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype mergekit-moe builds and saves the MoE in."
+    )
     seed: int = Field(0, description="Seed of the random gates.")
 
 

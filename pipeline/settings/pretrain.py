@@ -75,7 +75,11 @@ class PretrainSettings(Section):
         description="windows: random windows of the concatenated corpus (every position trains); "
         "documents: each sequence starts at a document and is padded after its end (padding ignored).",
     )
-    optimizer: Literal["adamw", "lion"] = "adamw"
+    optimizer: Literal["adamw", "lion"] = Field(
+        "adamw",
+        description="adamw: torch's AdamW; lion: Lion (the sign of an interpolated momentum; wants a 3-10x smaller "
+        "learning_rate than AdamW).",
+    )
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
     schedule: Literal["cosine", "one_cycle", "constant"] = Field(
         "cosine",
@@ -85,8 +89,12 @@ class PretrainSettings(Section):
     warmup_steps: int = Field(16, ge=0, le=10_000_000, description="Steps to reach the peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay, applied to matrices only.")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
+    beta1: float = Field(
+        0.9, ge=0, lt=1, description="AdamW: decay of the gradient average; lion: interpolation of the update."
+    )
+    beta2: float = Field(
+        0.95, ge=0, lt=1, description="AdamW: decay of the squared-gradient average; lion: decay of the momentum."
+    )
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, fp32 otherwise (CPU)."
@@ -106,8 +114,8 @@ class PretrainSettings(Section):
         description="Prompts generated from at step 0 and at the end (greedy and sampled).",
     )
     sample_max_new_tokens: int = Field(32, ge=1, le=8_192, description="Tokens generated per sample (a peek).")
-    sample_temperature: float = Field(0.8, gt=0)
-    sample_top_k: int = Field(20, ge=1)
+    sample_temperature: float = Field(0.8, gt=0, description="Temperature of the sampled (not greedy) samples.")
+    sample_top_k: int = Field(20, ge=1, description="Sampled samples draw from this many most likely tokens.")
     peak_flops: float | None = Field(
         None, gt=0, description="Device peak FLOP/s for MFU; null: measured once with a matmul micro-benchmark."
     )

@@ -37,20 +37,30 @@ class SFTSettings(Section):
     max_steps: SFTSteps = Field(600, description="Optimizer steps (at most a million).")
     learning_rate: float = Field(0.002, gt=0, description="Peak learning rate.")
     micro_batch_size: MicroBatch = Field(32, description="Rows per forward pass on one device.")
-    gradient_accumulation_steps: AccumulationSteps = 1
+    gradient_accumulation_steps: AccumulationSteps = Field(
+        1, description="Micro-batches per optimizer step on each process."
+    )
     sequence_len: SequenceTokens = Field(128, description="Longest row in tokens; axolotl drops longer rows.")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: SFTWarmupSteps = 20
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine",
+        description="transformers' learning-rate schedule: cosine or linear decay to 0 after warmup; "
+        "constant_with_warmup: flat after warmup; constant: flat from the first step (warmup_steps unused).",
+    )
+    warmup_steps: SFTWarmupSteps = Field(20, description="Steps of linear warmup from 0 to learning_rate.")
     optimizer: str = Field("adamw_torch", description="Any optimizer axolotl knows (adamw_bnb_8bit needs a GPU).")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay of the optimizer.")
     adapter: Literal["none", "lora", "qlora"] = Field(
         "none",
         description="none: full fine-tune; lora: train a LoRA adapter, merged into the model at the end; qlora: "
         "the same on the model loaded in 4 bits (bitsandbytes, CUDA only).",
     )
-    lora_r: LoraRank = 16
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_r: LoraRank = Field(16, description="Rank of the LoRA adapter (of an `adapters` run's LoRA, LoHa or LoKr).")
+    lora_alpha: int = Field(
+        32, ge=1, description="LoRA scaling: the adapter's update is multiplied by lora_alpha / lora_r."
+    )
+    lora_dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the LoRA adapter's input (for LoHa and LoKr: their rank dropout)."
+    )
     lora_target_linear: bool = Field(True, description="Adapt every linear layer (else q/v only).")
     val_set_size: float = Field(0.05, ge=0, lt=0.5, description="Share of rows held out for the eval loss.")
     max_dropped_share: float = Field(
@@ -63,7 +73,7 @@ class SFTSettings(Section):
         8, ge=1, le=4_096, description="Pad each batch to its longest row rounded up to this. axolotl's own default, "
         "64, suits A100 tensor cores but more than doubles the step time on short rows (~25 tokens here)."
     )  # fmt: skip
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     replay_rows: ReplayRows = Field(
         1000, description="Documents of finetune.replay_text mixed into the SFT rows, trained with the "
         "language-model loss on every token: keeps the model's general text ability while it learns the skill."
@@ -72,7 +82,9 @@ class SFTSettings(Section):
         48, description="Longest replay passage (whole sentences): short, like the SFT rows, so batches "
         "padded to their longest row stay short."
     )  # fmt: skip
-    seed: int = 0
+    seed: int = Field(
+        0, description="Seed of axolotl (shuffling, the held-out split, adapter weights) and of the replay draw."
+    )
     # The two launch settings stay out of dumps (lineage, model card) at their defaults, so that a
     # model trained by one process has the same bytes as before they existed.
     processes: int = Field(

@@ -50,10 +50,18 @@ class TokenizeSettings(Section):
         description="Give every digit its own token so arithmetic is learnable (otherwise BPE learns "
         "multi-digit tokens and sums become lookups).",
     )
-    bos_token: str = "<s>"
-    eos_token: str = "</s>"
-    pad_token: str = "<pad>"
-    unk_token: str = "<unk>"
+    bos_token: str = Field(
+        "<s>", description="Beginning-of-sequence token: starts every encoded document and every chat prompt."
+    )
+    eos_token: str = Field(
+        "</s>", description="End-of-sequence token: ends every encoded document and every answer of the chat template."
+    )
+    pad_token: str = Field("<pad>", description="Padding token: fills batches of unequal rows (ignored by the loss).")
+    unk_token: str = Field(
+        "<unk>",
+        description="Unknown token, reserved as a special token (byte-level BPE spells any text in bytes, so "
+        "encoding does not produce it).",
+    )
     chat_template: str = Field(
         DEFAULT_CHAT_TEMPLATE,
         description="Jinja chat template saved with the tokenizer; SFT and eval prompts are rendered with it.",
