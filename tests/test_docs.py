@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import io
 import re
 import shlex
@@ -47,6 +48,7 @@ UNFOLLOWED = {"git", "sky", "export", "source", "cd", "cat", "ls", "cp", "mkdir"
 # path arguments checked against the project: the first folder must be one of these
 PROJECT_FOLDERS = {"data", "models", "metrics", "profiles", "launch", "stages", "pipeline", "tests", "bench",
                    "tools", "requirements", "docs", ".dvc", ".ci"}  # fmt: skip
+PROJECT_PACKAGES = {"stages", "pipeline", "tools", "bench", "tests"}
 CHECKED: dict[str, str] = {}  # what the check stage said of a set of inputs ("" when they pass)
 FILE_SUFFIXES = (".py", ".json", ".jsonl", ".yaml", ".yml", ".md", ".txt", ".safetensors", ".html", ".lock", ".toml")
 
@@ -100,7 +102,8 @@ class Reader:
                 # what stages write: their outputs, and the paths on their command lines (a
                 # checkpoint folder, dvclive's folder) that are no declared output
                 outs = [out.def_path for stage in stages for out in stage.outs]
-                outs += [word for stage in stages for word in shlex.split(stage.cmd or "") if "/" in word]
+                commands = [" ".join(stage.cmd) if isinstance(stage.cmd, list) else stage.cmd or "" for stage in stages]
+                outs += [word for command in commands for word in shlex.split(command) if "/" in word]
             self._graph = (text, names, outs)
         return self._graph[1], self._graph[2]
 
@@ -266,7 +269,7 @@ class Reader:
         if arguments[:1] in (["repro"], ["exp"], ["experiments"]):
             names = self.graph()[0]
             for target in parsed.targets or []:
-                if target not in names and not (self.root / target).exists():
+                if "<" not in target and target not in names and not (self.root / target).exists():
                     self.problem(line, f"`dvc {' '.join(arguments)}`: no stage {target!r}")
         if getattr(parsed, "set_param", None):
             self.set_params(line, parsed.set_param, queue=parsed.queue, follow=follow)
@@ -320,8 +323,9 @@ class Reader:
         base = self.root / module.replace(".", "/")
         source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__main__.py"
         if not source.is_file():
-            self.problem(line, f"`-m {module}`: no such module in the project")
-            return
+            if module.split(".")[0] in PROJECT_PACKAGES or importlib.util.find_spec(module) is None:
+                self.problem(line, f"`-m {module}`: no such module in the project or the environment")
+            return  # an installed tool's (pytest): its options are its own
         # the module and the project's modules it imports (a stage's shared options live there)
         text = source.read_text()
         imported = re.findall(r"^from ((?:pipeline|stages)\.\w+) import", text, re.MULTILINE)
@@ -433,3 +437,52 @@ def test_every_page_is_reachable_from_the_readme():
             if linked.is_file() and linked.is_relative_to(PROJECT_ROOT):
                 todo.append(linked)
     assert not set(PAGES) - reached, f"not linked from README.md or a page it links: {set(PAGES) - reached}"
+
+
+# The README's failures the issue that brought this test listed (issue 28), as a page: the test must
+# keep finding each one.
+BROKEN_PAGE = """
+Tune one expert: `dvc exp run -S finetune.experts.addition.learning_rate=0.001`.
+
+```json file=data/my_sft/reverse.jsonl
+{"messages": [{"role": "user", "content": "Reverse ab"}, {"role": "assistant", "content": "ba"}]}
+```
+
+```yaml params merge
+finetune:
+  experts:
+    reverse: {dataset: data/my_sft/reverse.jsonl}
+```
+
+```bash
+make check
+```
+
+```yaml profile=phi3-moe
+sft: {adapter: lora}
+```
+
+```bash
+git checkout params.yaml
+dvc exp run -n seed-1 -S sft.seed=1
+make run PROFILE=gpu-small
+```
+
+The seeds: `sft.seeds`.
+"""
+
+
+def test_the_reader_finds_what_the_readme_got_wrong(tmp_path: Path):
+    root = copy_project(tmp_path / "project")
+    commit_all(root)
+    reader = Reader(root, "page.md")
+    for line, language, attributes, code in code_blocks(BROKEN_PAGE):
+        reader.block(line, language, attributes, code)
+    reader.prose(BROKEN_PAGE)
+    found = "\n".join(reader.problems)
+    assert "To append to your config use +finetune.experts.addition.learning_rate=0.001" in found
+    assert "stage 'mixture' reads but does not depend on in dvc.yaml" in found and "data/local/" in found
+    assert "sft.adapter: 'lora' here, 'qlora' in profile phi3-moe" in found
+    assert "`make run PROFILE=gpu-small` refuses" in found and "sft.seed = 1 (was 0)" in found
+    assert "`sft.seeds`: no such setting" in found
+    assert len(reader.problems) == 5, found
