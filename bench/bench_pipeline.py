@@ -9,7 +9,7 @@ Clones the committed project into a temporary folder, runs `dvc repro` there exa
 stage and each phase of it (start-up, preparation, work, saving: see PHASES), and prints seconds per
 stage, per kind of stage and phase, and against the 15-minute target. Then:
 - whether the clone's dvc.lock records the same output hashes as the committed one (with the
-  default settings, it must: README, Reproducibility), naming any output that differs;
+  default settings, it must: docs/how-to/reproducibility.md), naming any output that differs;
 - a no-op `dvc repro` (everything up to date) timed 5 times, interleaved with nothing else:
   median and min-max (target <= 2 s);
 - the fixed start-up of the tools that each stage process pays again (importing axolotl,

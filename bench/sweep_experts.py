@@ -7,7 +7,7 @@ combination of the --set values (applied over the `sft` settings, finetune.defau
 it trains the expert through the finetune stage's code (real axolotl), evaluates it with the
 eval stage (real lm-eval) and prints one markdown row: its own skill's exact match, the best of
 the other skills, story completion, held-out word perplexity and the wall time. This is the
-measurement behind the default expert recipe in params.yaml (see the README).
+measurement behind the default expert recipe in params.yaml (docs/design/results.md).
 """
 
 from __future__ import annotations

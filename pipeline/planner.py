@@ -188,6 +188,7 @@ def missing_dependencies(
             problems.append(
                 f"dvc.yaml: stage {stage.name!r} depends on {shown}, "
                 "which does not exist and no stage produces. A model or dataset from the Hugging Face hub "
-                "comes in through a params.yaml `hub` entry (fetched into data/hub/<name>; see README)."
+                "comes in through a params.yaml `hub` entry (fetched into data/hub/<name>; see "
+                "docs/tutorials/your-own-data.md)."
             )
     return problems

@@ -195,7 +195,7 @@ def launcher(settings: SFTSettings) -> list[str]:
     if not torchrun_launch(settings):
         return [sys.executable]
     # alone: a rendezvous on a free local port; on several machines torchrun reads PET_NNODES,
-    # PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT from the environment (README)
+    # PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT from the environment (docs/tutorials/gpus-and-machines.md)
     rendezvous = [] if "PET_NNODES" in os.environ else ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={settings.processes}"]
 

@@ -52,7 +52,8 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")
 # step of the default model, 2 threads): libgomp's default (spin ~300,000 times, then sleep) takes
 # 112 ms alone and 370 ms beside a twin; PASSIVE (sleep at once) 216 ms alone and 242 ms beside a
 # twin. One stage at a time, the default is twice as fast; stages side by side (`dvc queue start
-# -j 2`) want PASSIVE (README, "Stages side by side"). Waiting decides no arithmetic (same losses).
+# -j 2`) want PASSIVE (docs/tutorials/gpus-and-machines.md, "Stages side by side"). Waiting decides
+# no arithmetic (same losses).
 
 
 def thread_count(setting: int | None) -> int:

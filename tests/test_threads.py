@@ -58,7 +58,7 @@ def test_null_threads_take_the_environment_and_openmp_keeps_its_default_wait():
 
 
 def test_a_users_passive_wait_reaches_openmp():
-    # what README's `OMP_WAIT_POLICY=PASSIVE dvc queue start -j 2` relies on
+    # what docs/tutorials/gpus-and-machines.md's `OMP_WAIT_POLICY=PASSIVE dvc queue start -j 2` relies on
     figures, spin = probe("compute", 2, OMP_WAIT_POLICY="PASSIVE")
     assert figures["OMP_WAIT_POLICY"] == "PASSIVE" and spin == "0"
 

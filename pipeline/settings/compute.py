@@ -20,7 +20,7 @@ class ComputeSettings(Section):
     portable_kernels: bool = Field(
         True,
         description="Run the AVX2 code paths of torch, MKL and oneDNN on every x86 CPU, so Intel (AVX-512) and "
-        "AMD machines can compute the same bytes (slower where wider units exist: README, Reproducibility). "
+        "AMD machines can compute the same bytes (slower where wider units exist: docs/how-to/reproducibility.md). "
         "false: each CPU's fastest kernels, bitwise repeatable on that machine only.",
     )
     threads: int | None = Field(
@@ -28,7 +28,7 @@ class ComputeSettings(Section):
         ge=1,
         description="CPU threads per process (torch, OpenMP, MKL, tokenizers). Reductions split work by thread, so "
         "results depend on it. null: OMP_NUM_THREADS from the environment, else every core (divided among the "
-        "processes under torchrun). Stages side by side (`dvc queue start -j 2`): README, Performance.",
+        "processes under torchrun). Stages side by side (`dvc queue start -j 2`): docs/tutorials/gpus-and-machines.md.",
     )
 
 
