@@ -449,12 +449,15 @@ def load_full_state(
 
 
 def settings_fingerprint(settings: PretrainSettings, tokens_meta: dict, world_size: int) -> str:
-    """What a checkpoint must match to be resumed: settings, data, world size and this code
-    (DVC reruns the stage when the code changes; resuming the old run would undo that)."""
+    """What a checkpoint must match to be resumed: settings, data, world size, this code (DVC reruns
+    the stage when the code changes; resuming the old run would undo that) and the CPU kernels and
+    threads in use (`compute`: they change the sums, so a run with other ones must start over)."""
     payload = {
         "settings": settings.model_dump(mode="json"),
         "tokens": tokens_meta,
         "world_size": world_size,
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
     return hashlib.sha256(dumps_json(payload).encode()).hexdigest()[:16]

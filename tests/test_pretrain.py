@@ -204,6 +204,14 @@ def test_changed_settings_never_resume_old_checkpoints(trained, tiny_tokenized, 
     fingerprint = pretrain.settings_fingerprint(TINY, json.loads((tiny_tokenized[1] / "meta.json").read_text()), 1)
     assert pretrain.load_latest_checkpoint(root / "checkpoints", fingerprint) is not None
     assert pretrain.load_latest_checkpoint(root / "checkpoints", "another-fingerprint") is None
+    # other threads (compute.threads) change the sums: their run starts over, not from these checkpoints
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        other = pretrain.settings_fingerprint(TINY, json.loads((tiny_tokenized[1] / "meta.json").read_text()), 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert pretrain.load_latest_checkpoint(root / "checkpoints", other) is None
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_tokenized, tmp_path, monkeypatch):
