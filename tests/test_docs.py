@@ -341,6 +341,9 @@ class Reader:
     # --- inline code in the prose --------------------------------------------------------------
     def prose(self, text: str) -> None:
         for number, line in enumerate(text.splitlines(), 1):
+            for image in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", line):
+                if not (PROJECT_ROOT / self.page).parent.joinpath(image).is_file():
+                    self.problem(number, f"the image {image} does not exist")
             for span in re.findall(r"`([^`\n]+)`", line):
                 if re.match(r"(dvc|make) ", span):
                     try:
