@@ -233,6 +233,9 @@ def _leaves(mapping: Any, prefix: str = "") -> dict[str, Any]:
     return found
 
 
+_ABSENT = object()
+
+
 def differences(current: dict, base: dict) -> list[str]:
     """`key = value (was value)` for every setting in which `current` differs from `base`."""
     now, before = _leaves(current), _leaves(base)
@@ -243,14 +246,16 @@ def differences(current: dict, base: dict) -> list[str]:
     ]
 
 
-_ABSENT = object()
-
-
 def closest_profile(current: dict, root: Path = PROJECT_ROOT, base_text: str | None = None) -> tuple[str, list[str]]:
     """The profile whose settings params.yaml is closest to, and the edits on top of it. Settings are
     compared, not text: `dvc exp run -S` rewrites params.yaml's layout."""
     base_text = committed_params(root) if base_text is None else base_text
-    candidates = {name: _load(profile_text(name, root, base_text), name) for name in profile_names(root)}
+    candidates = {}
+    for name in profile_names(root):
+        try:
+            candidates[name] = _load(profile_text(name, root, base_text), name)
+        except InputError:  # a profile being written that does not validate yet: nobody applied it
+            continue
     return min(((name, differences(current, given)) for name, given in candidates.items()), key=lambda c: len(c[1]))
 
 

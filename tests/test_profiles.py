@@ -115,6 +115,7 @@ def test_apply_switches_profiles_keeps_comments_and_never_overwrites_own_edits(t
     with pytest.raises(ParamsError, match=r"profiles/broken.yaml over params.yaml.*\n  sft.adapter"):
         apply("broken", project)
     assert params.read_text() == committed
+    assert describe(project) == "params.yaml holds profile 'tiny'"  # a profile being written blocks nothing
 
 
 @pytest.mark.parametrize("name", PROFILES)
