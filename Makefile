@@ -30,8 +30,8 @@ REV ?=
 $(INSTALLED): requirements/lock.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "error: Python 3.11 is required (axolotl 0.19); set PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
-	@# torch first, on its own: pip picks the build for this machine (CPU here, CUDA on a GPU
-	@# machine) together with that build's own dependencies.
+	@# torch first, on its own, with that build's own dependencies: the build pip's configured index
+	@# gives (PyPI's Linux wheel is the CUDA one; CPU-only machines: docs/how-to/install.md).
 	$(BIN)/pip install --quiet torch==2.13.0
 	@# Then everything else exactly as locked. --no-deps because the lock forces
 	@# antlr4-python3-runtime 4.9.3 (dvc 3's hydra needs it) against axolotl's 4.13.2 pin.
