@@ -79,7 +79,7 @@ def side_by_side(shown: list[dict]) -> str:
              for name, params, numbers in rows]  # fmt: skip
     notes = [
         f"{len(rows)} runs; metrics from {HEADLINE} (their 95% intervals: `<kind>/best_em_low`, `_high`); "
-        + (f"the {len(differing)} settings that differ." if differing else "no setting differs."),
+        + (f"settings that differ: {len(differing)}." if differing else "no setting differs."),
         "Every column: `dvc exp show`; some: `dvc exp show --drop '.*' --keep 'Experiment|<regex>'`.",
     ]
     if not metrics:
