@@ -70,7 +70,7 @@ test-scale: install llama-cpp  ## the real-scale stand-ins (phi3-moe on CPU, 2-p
 # The report test opens the HTML report in headless Chromium (Debian's package). Installed when
 # missing and we may (root with apt-get, as on CI); otherwise that one test skips, except on CI.
 browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	  || echo "note: chromium not installed; the browser test of the report will skip"; }
 

@@ -1,15 +1,16 @@
 """Where an expert's fine-tuning time goes: axolotl start-up, data preparation, training steps.
 
-    python -m bench.bench_finetune      (or `make bench`; needs `make run` first for the base model)
+    python -m bench.bench_finetune [--expert NAME]   (or `make bench`; needs `make run` first for the base model)
 
-Runs the default `addition` expert's generated axolotl config three ways: importing axolotl's
-CLI alone (start-up), `axolotl.cli.preprocess` (start-up + tokenizing the dataset), and
-`axolotl.cli.train` (start-up + loading the prepared data + model load + steps + save), and
-reads the trainer's own `train_runtime` for the steps.
+Runs one expert's generated axolotl config (the first of finetune.experts: `addition` by default)
+three ways: importing axolotl's CLI alone (start-up), `axolotl.cli.preprocess` (start-up +
+tokenizing the dataset), and `axolotl.cli.train` (start-up + loading the prepared data + model
+load + steps + save), and reads the trainer's own `train_runtime` for the steps.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -32,10 +33,16 @@ def timed(command: list[str]) -> tuple[float, str]:
     return time.perf_counter() - started, result.stdout + result.stderr
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--expert", help="a key of finetune.experts (default: the first)")
+    args = parser.parse_args(argv)
     configure_environment()
     params = load_params()
-    expert = params.finetune.experts["addition"]
+    name = args.expert or next(iter(params.finetune.experts))
+    if name not in params.finetune.experts:
+        raise SystemExit(f"error: no expert {name!r} in finetune.experts ({', '.join(params.finetune.experts)})")
+    expert = params.finetune.experts[name]
     settings = resolve_sft(params.sft, params.finetune.defaults, expert)
     base = params.finetune.base_model
     if not (PROJECT_ROOT / base / "config.json").is_file():
@@ -52,7 +59,7 @@ def main() -> None:
         preprocess, _ = timed([python, "-m", "axolotl.cli.preprocess", str(config_path)])
         train, log = timed([python, "-m", "axolotl.cli.train", str(config_path)])
     steps = float(re.search(r"'train_runtime': '?([\d.]+)", log).group(1))
-    print(f"expert 'addition': {settings.max_steps} steps, micro-batch {settings.micro_batch_size}, "
+    print(f"expert {name!r}: {settings.max_steps} steps, micro-batch {settings.micro_batch_size}, "
           f"sequence_len {settings.sequence_len}")  # fmt: skip
     load_and_save = train - startup - steps  # the train run found the data already prepared
     print(f"axolotl start-up (imports)     : {startup:6.1f} s")

@@ -269,6 +269,7 @@ def test_bad_input_stops_dvc_repro_before_anything_is_lost(project, settings, fi
             assert fragment in result.stderr, (fragment, result.stderr)
         assert "Traceback" not in result.stderr
         assert workspace(project) == before
+        assert (project / "data/params_checked.txt").is_file()  # git's file: a failed check keeps it
     finally:
         (project / "params.yaml").write_text(params)
         for name in files:
