@@ -223,13 +223,14 @@ def profile_text(name: str, root: Path = PROJECT_ROOT, base_text: str | None = N
     return text
 
 
-def _leaves(mapping: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted key: value} of every setting of a nested mapping that is not a mapping itself."""
+def leaves(mapping: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every value of a nested mapping that is not a mapping itself (an empty
+    mapping and a list are values)."""
     if not isinstance(mapping, dict) or not mapping:
         return {prefix.rstrip("."): mapping} if prefix else {}
     found: dict[str, Any] = {}
     for key, value in mapping.items():
-        found.update(_leaves(value, f"{prefix}{key}."))
+        found.update(leaves(value, f"{prefix}{key}."))
     return found
 
 
@@ -238,7 +239,7 @@ _ABSENT = object()
 
 def differences(current: dict, base: dict) -> list[str]:
     """`key = value (was value)` for every setting in which `current` differs from `base`."""
-    now, before = _leaves(current), _leaves(base)
+    now, before = leaves(current), leaves(base)
     return [
         f"{key} = {now.get(key, '(removed)')} (was {before.get(key, '(absent)')})"
         for key in sorted(now.keys() | before.keys())

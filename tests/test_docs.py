@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import io
@@ -27,18 +28,19 @@ import re
 import shlex
 import subprocess
 import sys
-import types
-import typing
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 from ruamel.yaml import YAML
 
 from pipeline import profiles
+from pipeline.planner import lookup
 from pipeline.settings.base import PROJECT_ROOT, InputError
 from pipeline.settings.params_file import Params, load_params
+from pipeline.settings.sft import SFTSettings
 from tests.project import EDITS, apply_edit, code_blocks, commit_all, copy_project
+from tools import settings_reference
+from tools.settings_reference import OVERRIDES_SECTION
 
 PAGES = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").rglob("*.md"))]
 MAKE_TARGETS = set(re.findall(r"^([a-z][a-z-]*):", (PROJECT_ROOT / "Makefile").read_text(), re.MULTILINE))
@@ -167,13 +169,13 @@ class Reader:
         except InputError as error:
             self.problem(line, str(error))
             return
-        for dotted, value in _leaves(YAML(typ="safe").load(code) or {}):
-            actual = given
-            for part in dotted.split("."):
-                actual = actual.get(part, _MISSING) if isinstance(actual, dict) else _MISSING
-            if actual is _MISSING:
+        for dotted, value in profiles.leaves(YAML(typ="safe").load(code) or {}).items():
+            try:
+                actual = lookup(given, dotted)
+            except (KeyError, AttributeError, TypeError):
                 self.problem(line, f"{dotted}: profile {name} has no such setting")
-            elif not (isinstance(value, str) and "<" in value) and value != actual:
+                continue
+            if not (isinstance(value, str) and "<" in value) and value != actual:
                 self.problem(line, f"{dotted}: {value!r} here, {actual!r} in profile {name}")
 
     # --- commands ------------------------------------------------------------------------------
@@ -355,18 +357,6 @@ class Reader:
                     self.problem(number, f"`{span}`: no such setting in the schema (pipeline/settings/)")
 
 
-_MISSING = object()
-
-
-def _leaves(mapping: dict, prefix: str = "") -> list[tuple[str, typing.Any]]:
-    """(dotted key, value) of every value of a nested mapping that is not a mapping itself."""
-    found = []
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        found += _leaves(value, dotted + ".") if isinstance(value, dict) and value else [(dotted, value)]
-    return found
-
-
 def _merge(base: dict, fragment: dict) -> dict:
     """`fragment` merged into a copy of `base` key by key, as a reader adds keys to params.yaml."""
     merged = copy.deepcopy(base)
@@ -385,33 +375,25 @@ def is_setting_name(span: str) -> bool:
 
 
 def setting_exists(dotted: str) -> bool:
-    """Whether `a.b.c` names a setting: fields of the sections, any key of a named collection."""
-    annotation: typing.Any = Params
-    for part in dotted.split("."):
-        annotation = _unwrap(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            field = annotation.model_fields.get(part)
-            if field is None:
-                return False
-            annotation = field.annotation
-        elif typing.get_origin(annotation) is dict:
-            annotation = typing.get_args(annotation)[1]
-        else:
-            return False
-    return True
+    """Whether `a.b.c` is a key of the settings reference (docs/reference/settings.md, generated
+    from the schema): `<name>` there stands for any entry of a collection, `<sft setting>` for any
+    setting of `sft`; a collection's entry is a key (`hub.<name>`), and below a mapping of plain
+    values (`mixture.weights`) any key goes."""
+    return any(pattern.fullmatch(dotted) for pattern in setting_patterns())
 
 
-def _unwrap(annotation: typing.Any) -> typing.Any:
-    """The model or dict inside Optional[...] / Annotated[...] (a union of several: the first such)."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        for argument in typing.get_args(annotation):
-            inner = _unwrap(argument)
-            if typing.get_origin(inner) is dict or (isinstance(inner, type) and issubclass(inner, BaseModel)):
-                return inner
-    return annotation
+@functools.cache
+def setting_patterns() -> list[re.Pattern[str]]:
+    sft = "|".join(SFTSettings.model_fields)
+    patterns = []
+    for section in settings_reference.sections():
+        for row in section.rows:
+            key = re.escape(row.key).replace(re.escape("<name>"), r"[^.]+")
+            key = key.replace(re.escape(f"<{OVERRIDES_SECTION} setting>"), f"(?:{sft})")
+            if row.type.startswith("mapping"):  # an entry's own keys have rows; a plain value's do not
+                key += r"(?:\.[^.]+)?" if row.type.endswith("-> entry") else r"(?:\..+)?"
+            patterns.append(re.compile(key))
+    return patterns
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_name)

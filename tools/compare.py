@@ -18,6 +18,8 @@ import subprocess
 import sys
 from typing import Any
 
+from pipeline.profiles import leaves
+
 HEADLINE = "metrics/headline.json"
 # the headline's interval bounds make the table twice as wide: `dvc exp show` has them
 SHOWN_SUFFIXES = ("/best_em", "/diff", "/p_adj")
@@ -31,13 +33,6 @@ def dvc_json(*args: str) -> Any:
     return json.loads(result.stdout or "{}")
 
 
-def flat(mapping: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted key: value} of a nested mapping's leaves (a list is one value)."""
-    if not isinstance(mapping, dict) or not mapping:
-        return {prefix: mapping} if prefix else {}
-    return {key: value for name, inner in mapping.items() for key, value in flat(inner, f"{prefix}{name}.").items()}
-
-
 def runs(shown: list[dict]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(name, settings, headline metrics) of every row of `dvc exp show --json`: the workspace,
     each baseline commit, and the experiments on it."""
@@ -47,13 +42,7 @@ def runs(shown: list[dict]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
         data = data or {}
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
         metrics = ((data.get("metrics") or {}).get(HEADLINE) or {}).get("data") or {}
-        found.append(
-            (
-                name or (rev if rev == "workspace" else rev[:7]),
-                {k.rstrip("."): v for k, v in flat(params).items()},
-                metrics,
-            )
-        )
+        found.append((name or (rev if rev == "workspace" else rev[:7]), leaves(params), metrics))
 
     for row in shown:
         add(row["rev"], row.get("name"), row.get("data"))
