@@ -1,13 +1,24 @@
-"""pipeline.stats: Wilson intervals, McNemar's exact test and Holm's adjustment on known inputs."""
+"""pipeline.stats: Wilson intervals, McNemar's exact test, Holm's adjustment and the statistics pooled over
+seeds (the crossed bootstrap, the item sign-flip test) on known inputs."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from pipeline.stats import discordant_counts, holm, mcnemar_exact, proportion, wilson_interval
+from pipeline.stats import (
+    crossed_bootstrap,
+    discordant_counts,
+    holm,
+    mcnemar_exact,
+    paired_sign_flip,
+    proportion,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(
@@ -69,3 +80,76 @@ def test_holm_adjusts_step_down_and_keeps_the_order():
     assert holm({"only": 0.2}) == {"only": 0.2}
     assert holm({"x": 0.6, "y": 0.7}) == pytest.approx({"x": 1.0, "y": 1.0})  # capped at 1
     assert holm({}) == {}
+
+
+# the McNemar example above: 10 items only A gets right, 2 only B, 38 alike
+ONLY_A_10_ONLY_B_2 = ([1] * 10 + [0] * 2 + [1] * 30 + [0] * 8, [0] * 10 + [1] * 2 + [1] * 30 + [0] * 8)
+
+
+def test_sign_flip_of_one_seed_is_mcnemar():
+    a, b = ONLY_A_10_ONLY_B_2
+    assert paired_sign_flip([a], [b]) == pytest.approx(2 * (1 + 12 + 66) / 2**12)
+
+
+def test_sign_flip_counts_an_item_once_however_many_seeds_answered_it():
+    """Three seeds that answer exactly alike are one seed's evidence, not three times as much:
+    pooling the discordant pairs as independent (McNemar on 30 vs 6) would claim p = 1e-4."""
+    a, b = ONLY_A_10_ONLY_B_2
+    assert paired_sign_flip([a] * 3, [b] * 3) == pytest.approx(mcnemar_exact(a, b))
+    assert mcnemar_exact(a * 3, b * 3) < 2e-4
+
+
+def test_sign_flip_by_hand():
+    # per-item totals over 2 seeds: d = (2, 1, -1), sum 2; the 8 sign flips give sums
+    # 4, 2, 2, 0, 0, -2, -2, -4: six of them reach |2|
+    a = [[1, 1, 0], [1, 0, 0]]
+    b = [[0, 0, 1], [0, 0, 0]]
+    assert paired_sign_flip(a, b) == pytest.approx(6 / 8)
+    assert paired_sign_flip(b, a) == paired_sign_flip(a, b)
+    assert paired_sign_flip(a, a) == 1.0
+
+
+def test_sign_flip_is_the_full_randomization_distribution():
+    """Against enumerating all 2^items sign flips, on small random outcomes."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        seeds, items = int(rng.integers(1, 4)), int(rng.integers(2, 9))
+        a, b = rng.integers(0, 2, (seeds, items)), rng.integers(0, 2, (seeds, items))
+        totals = (a - b).sum(axis=0)
+        if totals.sum() == 0:
+            continue
+        flips = itertools.product((-1, 1), repeat=items)
+        reached = [abs(np.dot(signs, totals)) >= abs(totals.sum()) for signs in flips]
+        assert paired_sign_flip(a, b) == pytest.approx(np.mean(reached), abs=1e-12)
+
+
+def test_sign_flip_needs_paired_binary_outcomes():
+    with pytest.raises(ValueError, match="same seeds and items"):
+        paired_sign_flip([[1, 0]], [[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match="0/1"):
+        paired_sign_flip([[2, 0]], [[1, 0]])
+    with pytest.raises(ValueError, match="shape"):
+        paired_sign_flip([1, 0], [1, 0])
+
+
+def test_crossed_bootstrap_covers_the_seeds():
+    """Seeds that disagree completely and items that do not matter: the interval is the seeds'.
+    Drawing 3 of (1, 0, 1) with replacement gives all zeros with probability 1/27 > 2.5% and all
+    ones with 8/27, so the 95% interval is [0, 1] around the mean 2/3."""
+    assert crossed_bootstrap([[1] * 5, [0] * 5, [1] * 5]) == pytest.approx((2 / 3, 0.0, 1.0))
+
+
+def test_crossed_bootstrap_of_identical_seeds_is_the_items_bootstrap():
+    outcomes = (np.random.default_rng(1).random(400) < 0.6).astype(int)
+    one = crossed_bootstrap([outcomes])
+    assert crossed_bootstrap([outcomes] * 3) == pytest.approx(one)
+    share, low, high = proportion(outcomes)  # the items' bootstrap is close to Wilson's interval
+    assert one[0] == share and one[1] == pytest.approx(low, abs=0.01) and one[2] == pytest.approx(high, abs=0.01)
+
+
+def test_crossed_bootstrap_widens_with_seed_spread():
+    rng = np.random.default_rng(2)
+    alike = (rng.random((3, 800)) < 0.6).astype(int)
+    apart = np.stack([(rng.random(800) < share).astype(int) for share in (0.45, 0.6, 0.75)])
+    width = lambda interval: interval[2] - interval[1]  # noqa: E731
+    assert width(crossed_bootstrap(apart)) > 3 * width(crossed_bootstrap(alike))
