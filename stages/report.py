@@ -3,7 +3,8 @@
     python -m stages.report --eval-metrics metrics/eval --eval-raw metrics/eval_raw \
         --selection metrics/select.json \
         --curves pretrain=metrics/pretrain finetune=metrics/finetune mixture=metrics/mixture_finetune \
-        --routing metrics/routing --runs metrics/runs --out metrics/report --headline metrics/headline.json
+        --routing metrics/routing --runs metrics/runs --replicas metrics/replicas --out metrics/report \
+        --headline metrics/headline.json
 
 Inputs: metrics/eval/<kind>/<name>.json (each model's metrics; the folder is its kind, one of
 pipeline/kinds.py's MODEL_KINDS) and, from the same eval stage, metrics/eval_raw/<kind>/<name>/
@@ -17,8 +18,14 @@ model trained on the same mixture, and against the untrained MoE it started from
 merge against the best expert) get McNemar's exact test on the pooled skill items, Holm-adjusted
 over the pairs, and one generated sentence each (the findings).
 
+With replicated runs (`seeds.replicas`: --replicas holds <seed>/eval and <seed>/eval_raw, laid out
+like the main run's), every comparison is also pooled over the runs: the difference with a crossed
+bootstrap interval over seeds and items, the exact item sign-flip test pooled over seeds,
+Holm-adjusted, and in how many runs the ordering holds (pipeline/stats.py says why these).
+
 Outputs in --out:
-- leaderboard.md: findings; models (rows, by kind) x the main metrics, in each column the cells
+- leaderboard.md: findings; across seeds (with replicated runs: the pooled findings and tests, each
+  model's score in every run and pooled); models (rows, by kind) x the main metrics, in each column the cells
   holding its best value in bold (every tied cell; none when one model alone has the metric); the
   selected merges; the paired tests; every task/metric, bolded the same way;
 - skill_matrix.png: models (rows, by kind) x skills, exact-answer accuracy, all skills pooled apart
@@ -29,8 +36,9 @@ Outputs in --out:
   from outside), with each model's lineage;
 - cards/<kind>/<name>.md: a model card with the model's eval results and lineage.
 --headline: a flat JSON of a few numbers (best pooled exact match of each kind with its interval;
-each trained MoE's difference and adjusted p against the dense model and its untrained MoE), a
-DVC metric whose keys stay short for `dvc exp show`.
+each trained MoE's difference and adjusted p against the dense model and its untrained MoE; with
+replicated runs the same pooled over them under `seeds/`, with `seeds/<pair>/holds`), a DVC metric
+whose keys stay short for `dvc exp show`.
 """
 
 from __future__ import annotations
@@ -45,12 +53,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.atomic import atomic_path, write_json, write_text
 from pipeline.kinds import KINDS, MODEL_KINDS, run_sections
 from pipeline.lineage import json_block, render_card
 from pipeline.settings.base import InputError
 from pipeline.stage import start
-from pipeline.stats import discordant_counts, holm, mcnemar_exact, proportion
+from pipeline.stats import crossed_bootstrap, discordant_counts, holm, mcnemar_exact, paired_sign_flip, proportion
 
 log = logging.getLogger("stages.report")
 
@@ -284,6 +294,202 @@ def paired_tests(models: dict[str, Model], pairs: list[Pair]) -> list[PairedTest
     return tests
 
 
+# --- Replicated runs: the experiment trained again with other seeds (metrics/replicas/<seed>/) ---
+MAIN_RUN = "main"  # the label of the run made by the settings' own seeds
+
+
+@dataclass(frozen=True)
+class PooledTest:
+    """One comparison of the research question, pooled over the runs of every seed."""
+
+    pair: Pair  # as the main run poses it
+    seeds: tuple[str, ...]  # run labels, the main run first
+    sides: tuple[tuple[str, str], ...]  # (A, B) in each run: "the best merge" may be another merge per seed
+    differences: tuple[float, ...]  # A's score minus B's in each run
+    score_a: Score  # over seeds and items, with the crossed bootstrap's interval
+    score_b: Score
+    difference: Score
+    p: float  # the item sign-flip test pooled over seeds
+    p_adjusted: float
+
+    @property
+    def significant(self) -> bool:
+        return self.p_adjusted < ALPHA
+
+    @property
+    def holds(self) -> int:
+        """In how many runs A and B are ordered as in the pooled difference."""
+        direction = np.sign(self.difference.value)
+        return sum(1 for difference in self.differences if direction and np.sign(difference) == direction)
+
+
+def load_seeds(models: dict[str, Model], replicas_dir: Path | None) -> dict[str, dict[str, Model]]:
+    """Run label -> its models: the main run, then each <replicas_dir>/<seed>/ (eval/ and eval_raw/ as
+    in the main run) in the order of the seeds."""
+    seeds = {MAIN_RUN: models}
+    present = replicas_dir is not None and replicas_dir.is_dir()
+    folders = [path for path in replicas_dir.iterdir() if path.is_dir()] if present else []
+    strays = sorted(path.name for path in folders if not path.name.isdigit())
+    if strays:
+        raise InputError(f"{replicas_dir} holds folders that are not seeds: {strays}; remove them")
+    for folder in sorted(folders, key=lambda path: int(path.name)):
+        seeds[folder.name] = load_models(folder / "eval", folder / "eval_raw")
+    return seeds
+
+
+def seed_outcomes(seeds: dict[str, dict[str, Model]], ids: list[str]) -> np.ndarray:
+    """(runs x items) pooled skill outcomes of model ids[k] in run k."""
+    rows = [seeds[label][model_id].items[POOLED] for label, model_id in zip(seeds, ids, strict=True)]
+    if len({len(row) for row in rows}) > 1:
+        raise InputError(
+            f"the runs of {', '.join(sorted(set(ids)))} were scored on different numbers of skill items: "
+            "evaluate every seed with the same eval settings"
+        )
+    return np.array(rows)
+
+
+def pooled_tests(seeds: dict[str, dict[str, Model]]) -> list[PooledTest]:
+    """The main run's research pairs that every run has, each pooled over the runs, Holm-adjusted."""
+    pairs = {label: {pair.key: pair for pair in research_pairs(models)} for label, models in seeds.items()}
+    shared = [pair for key, pair in pairs[MAIN_RUN].items() if all(key in run_pairs for run_pairs in pairs.values())]
+    sides, outcomes = {}, {}
+    for pair in shared:
+        sides[pair.key] = tuple((pairs[label][pair.key].a, pairs[label][pair.key].b) for label in seeds)
+        a_ids, b_ids = zip(*sides[pair.key], strict=True)
+        outcomes[pair.key] = (seed_outcomes(seeds, list(a_ids)), seed_outcomes(seeds, list(b_ids)))
+    p_values = {key: paired_sign_flip(a, b) for key, (a, b) in outcomes.items()}
+    adjusted = holm(p_values)
+    tests = []
+    for pair in shared:
+        a, b = outcomes[pair.key]
+        tests.append(
+            PooledTest(
+                pair, tuple(seeds), sides[pair.key], tuple(a.mean(axis=1) - b.mean(axis=1)),
+                Score(*crossed_bootstrap(a)), Score(*crossed_bootstrap(b)), Score(*crossed_bootstrap(a - b)),
+                p_values[pair.key], adjusted[pair.key],
+            )
+        )  # fmt: skip
+    return tests
+
+
+def side_text(ids: tuple[str, ...]) -> str:
+    """`merge/slerp`, or the main run's model and a note when a seed picked another."""
+    if len(set(ids)) == 1:
+        return f"`{ids[0]}`"
+    return f"`{ids[0]}` (in the main run; the best of its kind in each seed)"
+
+
+def pooled_finding(test: PooledTest) -> str:
+    a_ids, b_ids = zip(*test.sides, strict=True)
+    a, b, runs, d = side_text(a_ids), side_text(b_ids), len(test.seeds), test.difference
+    interval = f"{d.value:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
+    if not test.significant:
+        sentence = (
+            f"no significant difference between {a} and {b} pooled over {runs} seeds ({interval}; adjusted "
+            f"p = {format_p(test.p_adjusted)}; the pooled ordering holds in {test.holds} of {runs})"
+        )
+    else:
+        winner, loser = (a, b) if d.value > 0 else (b, a)
+        sentence = (
+            f"{winner} scores higher than {loser} in {test.holds} of {runs} seeds (pooled difference "
+            f"{interval}; sign-flip p = {format_p(test.p_adjusted)}, Holm-adjusted)"
+        )
+    return f"{test.pair.question}: {sentence}."
+
+
+POOLED_COLUMNS = ["A", "B", "difference in each run", "pooled difference [95% CI]", "ordering holds",
+                  "p", "Holm-adjusted p", "verdict"]  # fmt: skip
+
+
+def pooled_row(test: PooledTest) -> list[str]:
+    d = test.difference
+    return [
+        f"`{test.pair.a}`",
+        f"`{test.pair.b}`",
+        ", ".join(f"{difference:+.3f}" for difference in test.differences),
+        f"{d.value:+.3f} [{d.low:+.2f}, {d.high:+.2f}]",
+        f"{test.holds} of {len(test.seeds)}",
+        format_p(test.p),
+        format_p(test.p_adjusted),
+        verdict(test) + (", not in every seed" if test.significant and test.holds < len(test.seeds) else ""),
+    ]
+
+
+def seed_rows(seeds: dict[str, dict[str, Model]]) -> list[list[str]]:
+    """Each model trained in every run: its pooled skill score in each run, and over all of them."""
+    rows = []
+    for model_id, model in seeds[MAIN_RUN].items():
+        if not all(model_id in models and models[model_id].items.get(POOLED) for models in seeds.values()):
+            continue  # not replicated (the base model is shared), or not scored on the skills
+        outcomes = seed_outcomes(seeds, [model_id] * len(seeds))
+        rows.append([model.kind, model.name, *(f"{row.mean():.3f}" for row in outcomes),
+                     Score(*crossed_bootstrap(outcomes)).text()])  # fmt: skip
+    return rows
+
+
+def seeds_intro(seeds: dict[str, dict[str, Model]], tests: list[PooledTest]) -> str:
+    return (
+        f"The experiment after pretraining ran {len(seeds)} times, with the training seeds of the settings "
+        f"(`{MAIN_RUN}`) and with seeds {', '.join(label for label in seeds if label != MAIN_RUN)} (`seeds.replicas`); "
+        "the pretrained base model is shared. Each pooled score is the mean over the runs and their items; its 95% "
+        "interval comes from a bootstrap that draws runs and, shared by the drawn runs, items (a crossed "
+        "bootstrap), so it covers the training seed as well as the sampling of questions. Each p-value is the "
+        "exact item sign-flip test pooled over the runs (McNemar's test for one run), Holm-adjusted over the "
+        f"{len(tests)} comparisons, significant below {ALPHA}."
+    )
+
+
+def seeds_markdown(seeds: dict[str, dict[str, Model]], tests: list[PooledTest]) -> str:
+    if len(seeds) < 2:
+        return ""
+    findings = "\n".join(f"- {pooled_finding(test)}" for test in tests) or f"- {NO_PAIRS}"
+    pairs = markdown_table(POOLED_COLUMNS, [pooled_row(test) for test in tests], left=2)
+    scores = markdown_table(["kind", "model", *seeds, "pooled [95% CI]"], seed_rows(seeds), left=2)
+    return (
+        f"## Across seeds\n\n{seeds_intro(seeds, tests)}\n\n{findings}\n\n{pairs}\n\n"
+        f"Pooled skill exact match of every model trained in each run:\n\n{scores}"
+    )
+
+
+def html_table(header: list[str], rows: list[list[str]], table_id: str) -> str:
+    heads = "".join(f"<th>{html.escape(column)}</th>" for column in header)
+    body = "".join("<tr>" + "".join(f"<td>{html_pair_cell(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return (
+        f"<div class='scroll'><table id='{table_id}'><thead><tr>{heads}</tr></thead><tbody>{body}</tbody></table></div>"
+    )
+
+
+def html_seeds(seeds: dict[str, dict[str, Model]], tests: list[PooledTest]) -> str:
+    if len(seeds) < 2:
+        return ""
+    findings = "".join(f"<li>{inline_code(pooled_finding(test))}</li>" for test in tests) or f"<li>{NO_PAIRS}</li>"
+    return (
+        f"<h2>Across seeds</h2><p>{inline_code(seeds_intro(seeds, tests))}</p><ul id='seed-findings'>{findings}</ul>"
+        f"{html_table(POOLED_COLUMNS, [pooled_row(test) for test in tests], 'seed-pairs')}"
+        "<p>Pooled skill exact match of every model trained in each run:</p>"
+        f"{html_table(['kind', 'model', *seeds, 'pooled [95% CI]'], seed_rows(seeds), 'seed-scores')}"
+    )
+
+
+def seeds_headline(seeds: dict[str, dict[str, Model]], tests: list[PooledTest]) -> dict[str, float]:
+    """The pooled figures, under `seeds/`: for `dvc exp show` across replicated experiments."""
+    if len(seeds) < 2:
+        return {}
+    numbers: dict[str, float] = {"seeds/runs": len(seeds)}
+    for kind in MODEL_KINDS:
+        best = [best_of(models, kind) for models in seeds.values()]
+        if all(best):
+            share, low, high = crossed_bootstrap(seed_outcomes(seeds, best))
+            numbers.update({f"seeds/{kind}/best_em": share, f"seeds/{kind}/best_em_low": low,
+                            f"seeds/{kind}/best_em_high": high})  # fmt: skip
+    for test in tests:
+        if test.pair.in_headline:
+            numbers[f"seeds/{test.pair.key}/diff"] = test.difference.value
+            numbers[f"seeds/{test.pair.key}/p_adj"] = test.p_adjusted
+            numbers[f"seeds/{test.pair.key}/holds"] = test.holds
+    return numbers
+
+
 def format_p(p: float) -> str:
     """0.62, 0.038, or 1.2e-6 below 0.001."""
     if p >= 0.001:
@@ -292,7 +498,7 @@ def format_p(p: float) -> str:
     return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
 
 
-def verdict(test: PairedTest) -> str:
+def verdict(test: PairedTest | PooledTest) -> str:
     if not test.significant:
         return "no significant difference"
     return "A higher" if test.score_a.value > test.score_b.value else "B higher"
@@ -351,7 +557,11 @@ def headline(models: dict[str, Model], tests: list[PairedTest]) -> dict[str, flo
         if test.pair.in_headline:
             numbers[f"{test.pair.key}/diff"] = test.score_a.value - test.score_b.value
             numbers[f"{test.pair.key}/p_adj"] = test.p_adjusted
-    # p-values to two significant digits (1.6e-15, not 0.0); scores and differences to 4 decimals
+    return rounded(numbers)
+
+
+def rounded(numbers: dict[str, float]) -> dict[str, float]:
+    """p-values to two significant digits (1.6e-15, not 0.0); scores and differences to 4 decimals."""
     return {key: float(f"{value:.2g}") if key.endswith("/p_adj") else round(value, 4)
             for key, value in sorted(numbers.items())}  # fmt: skip
 
@@ -394,13 +604,19 @@ def markdown_scores(models: dict[str, Model], metrics: list[str]) -> str:
 
 
 def leaderboard_markdown(
-    models: dict[str, Model], tests: list[PairedTest], selection: dict | None, runs: dict[str, Any] | None = None
+    models: dict[str, Model],
+    tests: list[PairedTest],
+    selection: dict | None,
+    runs: dict[str, Any] | None = None,
+    seeds: dict[str, dict[str, Model]] | None = None,
+    pooled: list[PooledTest] | None = None,
 ) -> str:
     findings = "\n".join(f"- {finding(test)}" for test in tests) or f"- {NO_PAIRS}"
     pairs = markdown_table(PAIR_COLUMNS, [pair_row(test) for test in tests], left=2)
     sections = [
         f"# Experiment report\n\n{intro(models)}",
         f"## Findings\n\n{findings}",
+        seeds_markdown(seeds or {}, pooled or []),
         "## Leaderboard\n\nModels by kind; the best of each column in **bold** (lowest for perplexity, highest "
         f"otherwise).\n\n{markdown_scores(models, leaderboard_columns(models))}",
         selection_text(selection),
@@ -753,6 +969,8 @@ def html_report(
     images: list[Path],
     selection: dict[str, Any] | None,
     runs: dict[str, Any] | None = None,
+    seeds: dict[str, dict[str, Model]] | None = None,
+    pooled: list[PooledTest] | None = None,
 ) -> str:
     findings = "".join(f"<li>{inline_code(finding(test))}</li>" for test in tests) or f"<li>{NO_PAIRS}</li>"
     figures = "".join(
@@ -764,6 +982,7 @@ def html_report(
 <h1>Experiment report</h1>
 <p id="intro">{html.escape(intro(models))}</p>
 <h2>Findings</h2><ul id="findings">{findings}</ul>
+{html_seeds(seeds or {}, pooled or [])}
 <h2>Leaderboard</h2>
 <p>Models by kind; the best of each column in bold (lowest for perplexity, highest otherwise).</p>
 {html_scores(models, leaderboard_columns(models), "leaderboard")}
@@ -786,6 +1005,7 @@ def run(
     selection_path: Path | None = None,
     routing_dir: Path | None = None,
     runs_dir: Path | None = None,
+    replicas_dir: Path | None = None,
 ) -> dict[str, float]:
     """Write the report and the headline metrics; return the headline."""
     models = load_models(eval_dir, raw_dir)
@@ -793,12 +1013,14 @@ def run(
         raise InputError(f"no eval metrics in {eval_dir}: run the eval stages first")
     selection = json.loads(selection_path.read_text()) if selection_path else None
     tests = paired_tests(models, research_pairs(models))
+    seeds = load_seeds(models, replicas_dir)
+    pooled = pooled_tests(seeds) if len(seeds) > 1 else []
     runs = load_runs(runs_dir)
     trained = {
         kind.runs_metrics: runs_dir / kind.runs_metrics for kind in KINDS if kind.trains and kind.runs_metrics in runs
     }
     curves = {**curves, **trained}  # the runs that train have curves too
-    write_text(out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection, runs))
+    write_text(out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection, runs, seeds, pooled))
     images = []
     # dvc.yaml declares every plot: one that does not apply (no `skills` task, no MoE) is a note saying why
     if skill_names(models):
@@ -814,13 +1036,13 @@ def run(
         images.append(out_dir / "routing.png")
     else:
         plot_note("No routing shares: no MoE was trained.", out_dir / "routing.png")
-    write_text(out_dir / "index.html", html_report(models, tests, images, selection, runs))
+    write_text(out_dir / "index.html", html_report(models, tests, images, selection, runs, seeds, pooled))
     # Model folders belong to the stages that made them, so the cards with eval results live here.
     for model in models.values():
         write_text(out_dir / "cards" / f"{model.id}.md", model_card(model))
-    numbers = headline(models, tests)
+    numbers = rounded({**headline(models, tests), **seeds_headline(seeds, pooled)})
     write_json(headline_path, numbers)
-    log.info("report of %d models and %d paired tests in %s", len(models), len(tests), out_dir)
+    log.info("report of %d models and %d paired tests (%d runs) in %s", len(models), len(tests), len(seeds), out_dir)
     return numbers
 
 
@@ -842,12 +1064,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--selection", type=Path, help="the select stage's JSON (merges chosen for the MoE)")
     parser.add_argument("--routing", type=Path, help="folder of the MoE stages' routing JSONs")
     parser.add_argument("--runs", type=Path, help="folder of the optional runs' metrics (<section>/<run>.json)")
+    parser.add_argument(
+        "--replicas", type=Path, help="folder of <seed>/eval and <seed>/eval_raw: the runs of seeds.replicas"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--headline", type=Path, required=True, help="headline metrics JSON (a DVC metric)")
     args = parser.parse_args(argv)
     start("report")
     curves = {name: Path(path) for name, path in parse_pairs(args.curves, "--curves").items()}
-    run(args.eval_metrics, args.eval_raw, curves, args.out, args.headline, args.selection, args.routing, args.runs)
+    run(
+        args.eval_metrics,
+        args.eval_raw,
+        curves,
+        args.out,
+        args.headline,
+        args.selection,
+        args.routing,
+        args.runs,
+        args.replicas,
+    )
 
 
 if __name__ == "__main__":

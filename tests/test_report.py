@@ -311,3 +311,42 @@ def test_runs_after_sft_are_compared_with_their_start_and_tabled(project):
 
 def test_without_runs_after_sft_the_report_has_no_such_section(built):
     assert "After SFT" not in (built / "leaderboard.md").read_text()
+
+
+def test_replicated_seeds_are_pooled_with_their_spread(project):
+    """Two more seeds (metrics/replicas/<seed>/, laid out like the main run): each comparison is pooled
+    over the three runs, says in how many it holds, and the headline carries the pooled figures."""
+    replicas = project / "replicas"
+    for model_id, scores in SCORES.items():
+        if model_id != "base/pretrain":  # the base model is shared, not trained again
+            write_model(replicas / "1", model_id, scores)  # seed 1 answers as the main run
+            write_model(replicas / "2", model_id, scores)
+    write_model(replicas / "2", "moe_trained/full", (80, 80, 80, 80))  # seed 2: smaller gains
+    write_model(replicas / "2", "dense/mix", (70, 70, 70, 70))
+    write_model(replicas / "2", "moe_trained/router", (50, 50, 50, 50))
+    write_model(replicas / "2", "merge/linear", (70, 0, 0, 60))  # another merge is the best one in seed 2
+    headline = build(project, replicas_dir=replicas)
+    text = (project / "out" / "leaderboard.md").read_text()
+    seeds = text.split("## Across seeds")[1].split("\n## ")[0]
+    assert "ran 3 times, with the training seeds of the settings (`main`) and with seeds 1, 2" in seeds
+    # full vs dense: +0.3, +0.3, +0.1. Items 60-89 of each skill favour full in every run that differs
+    # there and none favours dense, so the 120 item totals all point one way: p = 2 * 2^-120
+    assert "`moe_trained/full` scores higher than `dense/mix` in 3 of 3 seeds (pooled difference +0.23 [" in seeds
+    assert "| `moe_trained/full` | `dense/mix` | +0.300, +0.300, +0.100 | +0.233 [" in seeds
+    assert "| 3 of 3 | 1.5e-36 | 6e-36 | A higher |" in seeds  # Holm: the second smallest of 5 p-values, x 4
+    # router vs dense: 0, 0, -0.2: significant for the models at hand, but dense wins in one seed only
+    assert "| `moe_trained/router` | `dense/mix` | +0.000, +0.000, -0.200 | -0.067 [" in seeds
+    assert "| 1 of 3 | 1.7e-24 | 3.3e-24 | B higher, not in every seed |" in seeds
+    assert "the best of its kind in each seed" in seeds  # the best merge is not the same merge in seed 2
+    assert "| moe_trained | full | 0.900 | 0.900 | 0.800 | 0.867 [" in seeds
+    assert "| base |" not in seeds and "| merge | linear |" not in seeds  # only models of every run
+    assert headline["seeds/runs"] == 3 and headline["seeds/vs_dense/full/holds"] == 3
+    assert headline["seeds/vs_dense/full/diff"] == 0.2333 and headline["seeds/vs_dense/full/p_adj"] == 6e-36
+    assert headline["seeds/moe_trained/best_em"] == 0.8667  # (0.9 + 0.9 + 0.8) / 3
+    assert headline["seeds/moe_trained/best_em_low"] < 0.8667 < headline["seeds/moe_trained/best_em_high"]
+    assert "seeds/base/best_em" not in headline  # the base model is in the main run only
+    page = (project / "out" / "index.html").read_text()
+    assert "<h2>Across seeds</h2>" in page and "<table id='seed-pairs'>" in page
+    (replicas / "old").mkdir()
+    with pytest.raises(InputError, match=r"replicas holds folders that are not seeds: \['old'\]"):
+        build(project, replicas_dir=replicas)
