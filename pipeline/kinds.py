@@ -21,15 +21,17 @@ class Kind(NamedTuple):
     title: str = ""  # the report's heading for those measurements
     trains: bool = False  # an optional run with training curves in metrics/runs/<runs_metrics>/<entry>/
     dataset_files: tuple[str, ...] = ()  # an entry's settings naming a data file the check stage reads up front
+    # made again per seed of seeds.replicas by `<stage>_seed@<entry>-<seed>`, evaluated by `<eval_stage>_seed@...`
+    replicated: bool = False
 
 
 KINDS = (
     Kind("base", None, "eval", None),
-    Kind("expert", "finetune", "eval_expert", "finetune.experts", dataset_files=("dataset",)),
-    Kind("merge", "merge", "eval_merge", "merge.recipes"),
-    Kind("moe", "moe", "eval_moe", "moe.variants"),
-    Kind("dense", "dense", "eval_dense", "mixture.dense_runs"),
-    Kind("moe_trained", "moe_finetune", "eval_moe_trained", "mixture.moe_runs"),
+    Kind("expert", "finetune", "eval_expert", "finetune.experts", dataset_files=("dataset",), replicated=True),
+    Kind("merge", "merge", "eval_merge", "merge.recipes", replicated=True),
+    Kind("moe", "moe", "eval_moe", "moe.variants", replicated=True),
+    Kind("dense", "dense", "eval_dense", "mixture.dense_runs", replicated=True),
+    Kind("moe_trained", "moe_finetune", "eval_moe_trained", "mixture.moe_runs", replicated=True),
     # the optional runs after SFT come last: the default experiment makes none of them
     Kind(
         "adapter",

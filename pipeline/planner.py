@@ -137,7 +137,7 @@ def load_stages(root: Path = PROJECT_ROOT) -> list[Any]:
 
 # Stages that read the experts' datasets named in the roster (pipeline/roster.py) rather than in
 # the settings they declare: each must depend on every such file (the folders they lie in).
-READS_ROSTER_DATASETS = ("mixture", "moe")  # dvc.yaml entries
+READS_ROSTER_DATASETS = ("mixture", "moe", "moe_seed")  # dvc.yaml entries
 
 
 def check(root: Path = PROJECT_ROOT) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import ctypes
 import gc
@@ -197,6 +198,22 @@ def report_input_errors() -> None:
             default(kind, error, traceback)
 
     sys.excepthook = hook
+
+
+def add_seed_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--seed", type=int, help="train the replicated run of this seed of seeds.replicas (its seed in place of the "
+        "settings'); the stage is then dvc.yaml's <stage>_seed@<entry>-<seed>",
+    )  # fmt: skip
+
+
+def stage_name(stage: str, seed: int | None) -> str:
+    """dvc.yaml's name of `stage` (`finetune@addition`, `select`) in the replicated run of `seed`
+    (`finetune_seed@addition-1`, `select_seed@1`: DVC's matrix names), or `stage` for the main run."""
+    if seed is None:
+        return stage
+    entry, _, key = stage.partition("@")
+    return f"{entry}_seed@{key}-{seed}" if key else f"{entry}_seed@{seed}"
 
 
 def start(stage: str) -> Any:

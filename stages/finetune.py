@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline import sft
 from pipeline.atomic import write_json
 from pipeline.settings.sft import resolve_sft
-from pipeline.stage import configure_environment, start
+from pipeline.stage import add_seed_argument, configure_environment, stage_name, start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,13 +27,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--expert", required=True, help="expert name (a key of finetune.experts)")
     parser.add_argument("--base-model", required=True, help="model folder to start from")
     sft.add_output_arguments(parser)
+    add_seed_argument(parser)
     args = parser.parse_args(argv)
-    stage = f"finetune@{args.expert}"
+    stage = stage_name(f"finetune@{args.expert}", args.seed)
     params = start(stage)
     expert = params.finetune.experts[args.expert]
     target = sft.Target("expert", args.expert, stage, f"finetune.experts.{args.expert}", args.out, args.work, args.live)
     configure_environment()
     settings = resolve_sft(params.sft, params.finetune.defaults, expert)
+    if args.seed is not None:
+        settings = settings.model_copy(update={"seed": args.seed})
     summary = sft.run(settings, args.base_model, Path(expert.dataset), target,
                       replay_text=Path(params.finetune.replay_text))  # fmt: skip
     write_json(args.metrics, summary)

@@ -25,7 +25,7 @@ from pipeline.lineage import LINEAGE_FILE, json_block, model_id, render_card, wr
 from pipeline.roster import read_roster_file
 from pipeline.settings.base import InputError
 from pipeline.settings.merge import MERGE_METHODS, MergeRecipe
-from pipeline.stage import configure_environment, start
+from pipeline.stage import add_seed_argument, configure_environment, stage_name, start
 
 log = logging.getLogger("stages.merge")
 
@@ -149,13 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experts", type=Path, required=True, help="folder of the expert model folders")
     parser.add_argument("--base-model", required=True, help="the experts' base model (for task-vector methods)")
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
+    add_seed_argument(parser)
     args = parser.parse_args(argv)
-    params = start(f"merge@{args.recipe}")
+    params = start(stage_name(f"merge@{args.recipe}", args.seed))
     recipe = params.merge.recipes[args.recipe]
     names = recipe.experts if recipe.experts is not None else list(read_roster_file(args.roster_experts))
     experts = {name: str(args.experts / name) for name in names}
     configure_environment()
-    run(args.recipe, recipe, experts, args.base_model, params.merge.dtype, params.merge.seed, args.out)
+    seed = params.merge.seed if args.seed is None else args.seed
+    run(args.recipe, recipe, experts, args.base_model, params.merge.dtype, seed, args.out)
 
 
 if __name__ == "__main__":

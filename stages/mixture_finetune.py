@@ -30,9 +30,10 @@ from pipeline import sft
 from pipeline.atomic import write_json
 from pipeline.mixture import MIXTURE_COUNTS, MIXTURE_ROWS
 from pipeline.routing import routing_metrics
+from pipeline.settings.base import InputError
 from pipeline.settings.mixture import MixtureSettings, MoERun
 from pipeline.settings.sft import SFTSettings, resolve_sft
-from pipeline.stage import configure_environment, start
+from pipeline.stage import add_seed_argument, configure_environment, stage_name, start
 
 log = logging.getLogger("stages.mixture_finetune")
 
@@ -70,13 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kind", choices=("dense", "moe"), required=True, help="a dense run or a MoE run")
     parser.add_argument("--run", required=True, help="a key of mixture.dense_runs or mixture.moe_runs")
-    parser.add_argument("--start", required=True, help="the model folder to train")
+    start_model = parser.add_mutually_exclusive_group(required=True)
+    start_model.add_argument("--start", help="the model folder to train")
+    start_model.add_argument("--moe-variants", type=Path, help="moe: the folder of moe.variants' models; the run's "
+                             "`moe` setting picks the one to train")  # fmt: skip
     parser.add_argument("--mixture", type=Path, required=True, help="the mixture stage's folder")
     sft.add_output_arguments(parser)
     parser.add_argument("--eval-sets", type=Path, help="moe: held-out questions, for the routing shares")
     parser.add_argument("--routing", type=Path, help="moe: JSON of skill -> layer -> share per expert")
+    add_seed_argument(parser)
     args = parser.parse_args(argv)
-    stage = f"{'dense' if args.kind == 'dense' else 'moe_finetune'}@{args.run}"
+    stage = stage_name(f"{'dense' if args.kind == 'dense' else 'moe_finetune'}@{args.run}", args.seed)
     params = start(stage)
     settings = params.mixture
     defaults = resolve_sft(params.sft, settings.defaults)
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         where, kind = f"mixture.moe_runs.{args.run}", "moe_trained"
         run = settings.moe_runs[args.run]
         sft_settings, extra_config = mode_settings(run, defaults), mode_config(run, settings)
+        if args.moe_variants is not None:
+            args.start = str(args.moe_variants / run.moe)
+    if args.start is None:
+        raise InputError("--moe-variants picks a MoE run's start; a dense run needs --start")
+    if args.seed is not None:
+        sft_settings = sft_settings.model_copy(update={"seed": args.seed})
     configure_environment()
     mixture, counts = args.mixture / MIXTURE_ROWS, json.loads((args.mixture / MIXTURE_COUNTS).read_text())
     log.info("training mixture: %s", ", ".join(f"{n} {c}" for n, c in counts.items()))

@@ -31,7 +31,7 @@ from pipeline.roster import Roster, read_roster_file
 from pipeline.routing import EXPERT_NAMES, routing_metrics
 from pipeline.settings.base import InputError
 from pipeline.settings.moe import ExpertPrompts, MoESettings, MoEVariant
-from pipeline.stage import RunFailed, configure_environment, resolve_device, start
+from pipeline.stage import RunFailed, add_seed_argument, configure_environment, resolve_device, stage_name, start
 
 log = logging.getLogger("stages.moe")
 
@@ -171,10 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-sets", type=Path, required=True, help="held-out questions, for the routing metrics")
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--routing", type=Path, required=True, help="JSON: skill -> layer -> share per expert")
+    add_seed_argument(parser)
     args = parser.parse_args(argv)
-    params = start(f"moe@{args.variant}")
+    params = start(stage_name(f"moe@{args.variant}", args.seed))
     # this variant and the shared keys: what the stage declares (other variants are not its inputs)
     shared = {name: getattr(params.moe, name) for name in MoESettings.model_fields if name != "variants"}
+    if args.seed is not None:
+        shared["seed"] = args.seed
     settings = MoESettings(variants={args.variant: params.moe.variants[args.variant]}, **shared)
     variant = settings.variants[args.variant]
     roster = Roster(read_roster_file(args.roster_experts), read_roster_file(args.roster_merges))

@@ -21,7 +21,7 @@ from pipeline.atomic import write_json
 from pipeline.roster import read_roster_file
 from pipeline.settings.base import InputError
 from pipeline.settings.select import SelectSettings
-from pipeline.stage import start
+from pipeline.stage import add_seed_argument, stage_name, start
 
 log = logging.getLogger("stages.select")
 
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--roster-merges", type=Path, required=True, help="the roster's merges.json (which merges)")
     parser.add_argument("--eval-metrics", type=Path, required=True, help="folder of the merges' <recipe>.json evals")
     parser.add_argument("--out", type=Path, required=True, help="selection JSON (a DVC metric)")
+    add_seed_argument(parser)
     args = parser.parse_args(argv)
-    params = start("select")
+    params = start(stage_name("select", args.seed))
     recipes = list(read_roster_file(args.roster_merges))
     if not recipes:
         raise InputError("merge.recipes is empty: there is nothing to select from")

@@ -31,14 +31,22 @@ NOT_FILES = {"--work", "--checkpoints", "--timing", "--name"}
 @pytest.fixture(scope="module")
 def stages() -> Iterator[list[Any]]:
     """Every stage of the default experiment and one of each optional run (dpo, adapters, qat, quantize,
-    gguf: none by default), as the post-sft profile makes them, read in a mirror of the project whose
-    paths resolve to the project's own files."""
+    gguf: none by default), as the post-sft profile makes them, and the replicated runs' stages
+    (`<stage>_seed@...`: none by default), as the seeds profile makes them, each read in a mirror of the
+    project whose paths resolve to the project's own files."""
     from dvc.repo import Repo
 
     from stages.check import profile_project
 
-    with profile_project("post-sft", PROJECT_ROOT) as mirror, Repo(str(mirror)) as repo:
-        yield list(repo.index.stages)
+    with (
+        profile_project("post-sft", PROJECT_ROOT) as mirror,
+        Repo(str(mirror)) as repo,
+        profile_project("seeds", PROJECT_ROOT) as seeds_mirror,
+        Repo(str(seeds_mirror)) as seeds_repo,
+    ):
+        replicated = [stage for stage in seeds_repo.index.stages if "_seed@" in stage.name]
+        assert replicated, "the seeds profile makes no replicated stage"
+        yield list(repo.index.stages) + replicated
 
 
 def files(stage: Any) -> list[Path]:
@@ -170,7 +178,7 @@ def test_torch_stages_declare_the_compute_settings(stages):
 # stage per entry of a named collection for that entry's settings (each kind's, from
 # pipeline/kinds.py), the stages of one kind for a section's shared settings. Keys are matched by
 # their first parts; `{}` is the entry's name, a leading `!` leaves stages out.
-NOT_TORCH = ("check", "hub@*", "data", "tokenize", "select", "mixture", "report")  # every other stage computes
+NOT_TORCH = ("check", "hub@*", "data", "tokenize", "select", "select_seed@*", "mixture", "report")  # the rest compute
 SFT_STAGES = ("finetune", "dense", "moe_finetune", "dpo", "adapter", "qat")
 EVAL_STAGES = tuple(kind.eval_stage for kind in KINDS)
 READERS = {
@@ -201,6 +209,16 @@ READERS = {
 }
 
 
+def with_replicas(patterns: list[str]) -> list[str]:
+    """Each pattern and its replicated runs' (`finetune@{}` -> `finetune_seed@{}-*`, `select` ->
+    `select_seed@*`): a replicated stage declares the settings of the stage it replicates."""
+    replicas = []
+    for pattern in patterns:
+        entry, at, key = pattern.partition("@")
+        replicas.append(f"{entry}_seed@{key}-*" if at and key != "*" else f"{entry}_seed@*")
+    return patterns + [replica for replica in replicas if replica not in ("*_seed@*", "!*_seed@*")]
+
+
 def readers(key: str, names: set[str]) -> set[str]:
     """The stages among `names` that READERS says may read `key` (its most specific pattern), and check."""
     parts = key.split(".")
@@ -211,7 +229,7 @@ def readers(key: str, names: set[str]) -> set[str]:
                 continue
             entry = next((part for part, want in zip(parts, pattern_parts, strict=False) if want == "{}"), None)
             if all(want in ("{}", part) for part, want in zip(parts, pattern_parts, strict=False)):
-                wanted = [stage.replace("{}", entry or "") for stage in stages]
+                wanted = with_replicas([stage.replace("{}", entry or "") for stage in stages])
                 left_out = [want[1:] for want in wanted if want.startswith("!")]
                 return {"check"} | {
                     name

@@ -33,6 +33,7 @@ from pipeline.settings.moe import MoESettings
 from pipeline.settings.pretrain import PretrainSettings
 from pipeline.settings.qat import QATSettings
 from pipeline.settings.quantize import QuantizeSettings
+from pipeline.settings.seeds import SeedsSettings
 from pipeline.settings.select import SelectSettings
 from pipeline.settings.sft import SFTSettings
 from pipeline.settings.stage_view import section_path_settings
@@ -61,6 +62,7 @@ class Params(Section):
     qat: QATSettings = Field(default_factory=QATSettings)
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
     gguf: GGUFSettings = Field(default_factory=GGUFSettings)
+    seeds: SeedsSettings = Field(default_factory=SeedsSettings)
 
     @model_validator(mode="after")
     def _hub_folders_named_exist(self) -> Params:
@@ -71,6 +73,15 @@ class Params(Section):
                     f"{key} is {path!r}, but data/hub/<name> folders come from `hub` entries and there is none "
                     f"named {parts[2] if len(parts) > 2 else '(missing)'!r} (hub entries: {sorted(self.hub) or 'none'})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_differ_from_the_main_run(self) -> Params:
+        if self.sft.seed in self.seeds.replicas:
+            raise ValueError(
+                f"seeds.replicas has {self.sft.seed}, the main run's seed (sft.seed): it would train the same "
+                "models again; list other seeds"
+            )
         return self
 
     @model_validator(mode="after")
