@@ -323,17 +323,16 @@ class PooledTest:
         return sum(1 for difference in self.differences if direction and np.sign(difference) == direction)
 
 
-def load_seeds(models: dict[str, Model], replicas_dir: Path | None) -> dict[str, dict[str, Model]]:
-    """Run label -> its models: the main run, then each <replicas_dir>/<seed>/ (eval/ and eval_raw/ as
-    in the main run) in the order of the seeds."""
+def load_seeds(models: dict[str, Model], replicas_dir: Path, replicas: list[int]) -> dict[str, dict[str, Model]]:
+    """Run label -> its models: the main run, then the run of each seed of `replicas` (seeds.replicas),
+    from <replicas_dir>/<seed>/eval and eval_raw, laid out as the main run's. Folders of seeds no
+    longer listed are left alone (the check stage removes them from the workspace)."""
     seeds = {MAIN_RUN: models}
-    present = replicas_dir is not None and replicas_dir.is_dir()
-    folders = [path for path in replicas_dir.iterdir() if path.is_dir()] if present else []
-    strays = sorted(path.name for path in folders if not path.name.isdigit())
-    if strays:
-        raise InputError(f"{replicas_dir} holds folders that are not seeds: {strays}; remove them")
-    for folder in sorted(folders, key=lambda path: int(path.name)):
-        seeds[folder.name] = load_models(folder / "eval", folder / "eval_raw")
+    for seed in replicas:
+        folder = replicas_dir / str(seed)
+        if not (folder / "eval").is_dir():
+            raise InputError(f"{folder / 'eval'} is missing: seeds.replicas lists {seed}; run its stages (dvc repro)")
+        seeds[str(seed)] = load_models(folder / "eval", folder / "eval_raw")
     return seeds
 
 
@@ -1006,6 +1005,7 @@ def run(
     routing_dir: Path | None = None,
     runs_dir: Path | None = None,
     replicas_dir: Path | None = None,
+    replicas: list[int] | None = None,
 ) -> dict[str, float]:
     """Write the report and the headline metrics; return the headline."""
     models = load_models(eval_dir, raw_dir)
@@ -1013,7 +1013,7 @@ def run(
         raise InputError(f"no eval metrics in {eval_dir}: run the eval stages first")
     selection = json.loads(selection_path.read_text()) if selection_path else None
     tests = paired_tests(models, research_pairs(models))
-    seeds = load_seeds(models, replicas_dir)
+    seeds = load_seeds(models, replicas_dir or Path("metrics/replicas"), replicas or [])
     pooled = pooled_tests(seeds) if len(seeds) > 1 else []
     runs = load_runs(runs_dir)
     trained = {
@@ -1070,7 +1070,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--headline", type=Path, required=True, help="headline metrics JSON (a DVC metric)")
     args = parser.parse_args(argv)
-    start("report")
+    params = start("report")
     curves = {name: Path(path) for name, path in parse_pairs(args.curves, "--curves").items()}
     run(
         args.eval_metrics,
@@ -1082,6 +1082,7 @@ def main(argv: list[str] | None = None) -> None:
         args.routing,
         args.runs,
         args.replicas,
+        params.seeds.replicas,
     )
 
 

@@ -204,6 +204,7 @@ READERS = {
     "mixture.router_aux_loss_coef": ["moe_finetune@*"],
     "dpo": ["dpo@*"],
     "gguf": ["gguf@*"],
+    "seeds": ["report"],  # and, through dvc.yaml's matrices, which replicated stages exist
     **{f"{kind.section}.{{}}": [f"{kind.stage}@{{}}"] for kind in KINDS if kind.section},
     **{f"{section}.{{}}": [f"{name}@{{}}"] for name, (section, _) in EXPORTS.items()},
 }
@@ -335,7 +336,42 @@ def test_every_kind_of_model_is_made_and_evaluated_as_its_registry_entry_says(st
                 problems.append(f"{kind.name}/{entry}: {kind.stage}@{entry} does not make {model}, which it evaluates")
             if kind.runs_metrics and not any(f"/metrics/runs/{kind.runs_metrics}/" in str(out) for out in outs):
                 problems.append(f"{kind.stage}@{entry} writes no metrics under metrics/runs/{kind.runs_metrics}/")
-    evaluated = {kind.eval_stage for kind in KINDS}
+    problems += replicated_problems(stages)
+    evaluated = {kind.eval_stage for kind in KINDS} | {f"{kind.eval_stage}_seed" for kind in KINDS if kind.replicated}
     problems += [f"{name}: an eval stage of no kind" for name in by_name if "stages.eval " in by_name[name].cmd + " "
                  and name.split("@")[0] not in evaluated]  # fmt: skip
     assert not problems, "\n".join(problems)
+
+
+def replicated_problems(stages: list[Any]) -> list[str]:
+    """The replicated kinds per seed of the seeds profile: `<stage>_seed@<entry>-<seed>` makes the model
+    folder under models/replicas/<seed>/ that `<eval_stage>_seed@<entry>-<seed>` evaluates as
+    `<kind>/<entry>` into metrics/replicas/<seed>/eval/<kind>/<entry>.json, where the report reads it."""
+    from pipeline.planner import lookup
+
+    replicated = [stage for stage in stages if "_seed@" in stage.name]
+    root = Path(replicated[0].repo.root_dir)
+    params = load_params(root / "params.yaml")
+    by_name = {stage.name: stage for stage in replicated}
+    problems = []
+    for kind in (kind for kind in KINDS if kind.replicated):
+        for entry in lookup(params, kind.section):
+            for seed in params.seeds.replicas:
+                maker, evaluation = (
+                    by_name.get(f"{name}_seed@{entry}-{seed}") for name in (kind.stage, kind.eval_stage)
+                )
+                if maker is None or evaluation is None:
+                    problems.append(f"{kind.name}/{entry}, seed {seed}: no {kind.stage}_seed or {kind.eval_stage}_seed")
+                    continue
+                words = evaluation.cmd.split()
+                model = root / words[words.index("--model") + 1]
+                metrics = root / words[words.index("--metrics") + 1]
+                if Path(maker.outs[0].fs_path) != model or not model.is_relative_to(
+                    root / "models/replicas" / str(seed)
+                ):
+                    problems.append(f"{evaluation.name} evaluates {model}, not what {maker.name} makes for its seed")
+                if words[words.index("--name") + 1] != f"{kind.name}/{entry}":
+                    problems.append(f"{evaluation.name} does not evaluate it as {kind.name}/{entry}")
+                if metrics != root / f"metrics/replicas/{seed}/eval/{kind.name}/{entry}.json":
+                    problems.append(f"{evaluation.name} writes {metrics}, not where the report reads seed {seed}")
+    return problems

@@ -325,7 +325,7 @@ def test_replicated_seeds_are_pooled_with_their_spread(project):
     write_model(replicas / "2", "dense/mix", (70, 70, 70, 70))
     write_model(replicas / "2", "moe_trained/router", (50, 50, 50, 50))
     write_model(replicas / "2", "merge/linear", (70, 0, 0, 60))  # another merge is the best one in seed 2
-    headline = build(project, replicas_dir=replicas)
+    headline = build(project, replicas_dir=replicas, replicas=[1, 2])
     text = (project / "out" / "leaderboard.md").read_text()
     seeds = text.split("## Across seeds")[1].split("\n## ")[0]
     assert "ran 3 times, with the training seeds of the settings (`main`) and with seeds 1, 2" in seeds
@@ -347,6 +347,6 @@ def test_replicated_seeds_are_pooled_with_their_spread(project):
     assert "seeds/base/best_em" not in headline  # the base model is in the main run only
     page = (project / "out" / "index.html").read_text()
     assert "<h2>Across seeds</h2>" in page and "<table id='seed-pairs'>" in page
-    (replicas / "old").mkdir()
-    with pytest.raises(InputError, match=r"replicas holds folders that are not seeds: \['old'\]"):
-        build(project, replicas_dir=replicas)
+    assert build(project, replicas_dir=replicas, replicas=[2])["seeds/runs"] == 2  # only the seeds listed
+    with pytest.raises(InputError, match=r"replicas/3/eval is missing: seeds.replicas lists 3; run its stages"):
+        build(project, replicas_dir=replicas, replicas=[1, 3])
