@@ -202,8 +202,8 @@ def report_input_errors() -> None:
 
 def add_seed_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--seed", type=int, help="train the replicated run of this seed of seeds.replicas (its seed in place of the "
-        "settings'); the stage is then dvc.yaml's <stage>_seed@<entry>-<seed>",
+        "--seed", type=int, help="this stage in the replicated run of this seed of seeds.replicas: the seed "
+        "replaces sft.seed, merge.seed and moe.seed, and the stage is dvc.yaml's <stage>_seed@<entry>-<seed>",
     )  # fmt: skip
 
 

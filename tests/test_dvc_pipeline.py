@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import dvc_lock
+from pipeline.stage import stage_name
 from tests.project import BIN, TINY_PRETRAINING, commit_all, copy_project, dvc, set_params, sh, stages_run
 
 pytestmark = pytest.mark.slow  # the whole pipeline, several times over: minutes
@@ -442,6 +443,36 @@ def test_experiment_with_set_param(project):
     # `make diff REV=HEAD`: against the commit, the setting that moved
     assert (
         "| eval.max_gen_tokens | 16 | 8 |" in sh(project, sys.executable, "-m", "tools.compare", "--rev", "HEAD").stdout
+    )
+
+
+def seed_stages(seed: int) -> set[str]:
+    """The replicated run of `seed`: every stage after pretraining that makes a model, and its eval."""
+    return {stage_name(name, seed) for name in EXPERTS + MERGES + MOE + DENSE if name != "mixture"}
+
+
+def test_a_replicated_seed_is_pooled_and_adding_one_stales_only_its_stages(project):
+    """seeds.replicas [1] trains the stages after pretraining again with seed 1, and the report pools
+    the two runs; adding seed 2 then makes only seed 2's stages (and the report) out of date."""
+    params = (project / "params.yaml").read_text()
+    try:
+        set_params(project, seeds__replicas=[1])
+        assert stages_run(dvc(project, "repro")) == {"check", "report", *seed_stages(1)}
+        lineage = json.loads((project / "models/replicas/1/experts/addition/lineage.json").read_text())
+        assert lineage["stage"] == "finetune_seed@addition-1" and lineage["settings"]["sft"]["seed"] == 1
+        weights = "experts/addition/model.safetensors"
+        assert (project / "models/replicas/1" / weights).read_bytes() != (project / "models" / weights).read_bytes()
+        assert "## Across seeds" in (project / "metrics/report/leaderboard.md").read_text()
+        headline = json.loads((project / "metrics/headline.json").read_text())
+        assert headline["seeds/runs"] == 2 and "seeds/vs_dense/router/holds" in headline
+
+        assert stale_after(project, seeds__replicas=[1, 2]) == {"check", "report", *seed_stages(2)}
+    finally:
+        (project / "params.yaml").write_text(params)
+    # without the seed, the check removes its outputs from the workspace (DVC's cache keeps them)
+    assert stages_run(dvc(project, "repro")) == {"check", "report"}
+    assert not (project / "models/replicas/1").exists() and "seeds/runs" not in json.loads(
+        (project / "metrics/headline.json").read_text()
     )
 
 

@@ -191,6 +191,14 @@ def test_a_mixture_weight_cannot_be_negative(tmp_path):
     assert "mixture.weights.sorting: Input should be greater than or equal to 0" in message
 
 
+def test_replicated_seeds_are_distinct_and_differ_from_the_main_run(tmp_path):
+    assert load_params(write_params(tmp_path, "seeds: {replicas: [2, 1]}\n")).seeds.replicas == [2, 1]
+    assert "seeds [1] appear more than once" in params_error(tmp_path, "seeds: {replicas: [1, 2, 1]}\n")
+    message = params_error(tmp_path, "sft: {seed: 3}\nseeds: {replicas: [1, 3]}\n")
+    assert "seeds.replicas has 3, the main run's seed (sft.seed): it would train the same models again" in message
+    assert "greater than or equal to 0" in params_error(tmp_path, "seeds: {replicas: [-1]}\n")
+
+
 def test_expert_names_need_only_be_plain(tmp_path):
     """Model ids carry their kind (expert/moe is not moe/<variant>), so moe* and pretrain are expert names too."""
     names = ("moe", "pretrain", "addition", "sorting")  # the default merge recipes name addition and sorting
