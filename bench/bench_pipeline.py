@@ -36,6 +36,7 @@ from pipeline.settings.base import PROJECT_ROOT
 TARGET_SECONDS = 900  # the default experiment in a quarter of an hour (after the install)
 BIN = Path(sys.executable).parent
 KINDS = (
+    ("replicated runs (seeds)", r"_seed@"),  # first: the rest is the main run's split
     ("data + tokenize", r"^(data|tokenize)$"),
     ("pretrain", r"^pretrain$"),
     ("experts (axolotl)", r"^finetune@"),
