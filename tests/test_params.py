@@ -141,7 +141,7 @@ def test_view_allows_declared_keys_and_refuses_others():
 def test_make_check_cli_reports_bad_key(tmp_path):
     """`python -m stages.check` (what `make check` runs) exits non-zero naming the key."""
     project = tmp_path / "project"
-    for code in ("pipeline", "stages", "data/local", "data/hub", "metrics/runs"):
+    for code in ("pipeline", "stages", "data/local", "data/hub", "metrics/runs", "metrics/replicas"):
         shutil.copytree(PROJECT_ROOT / code, project / code, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")
     shipped = (PROJECT_ROOT / "params.yaml").read_text()
