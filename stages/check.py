@@ -107,6 +107,12 @@ def remove_stale_outputs(stages: list[Any], root: Path) -> list[Path]:
             shutil.rmtree(path)
         else:
             path.unlink()
+        # and the folders left empty that held it (a removed seed's models/replicas/<seed>/experts/),
+        # up to the top-level ones (models/, metrics/)
+        folder = path.parent
+        while folder.parent != root and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
     return stale
 
 

@@ -135,7 +135,7 @@ def test_only_outputs_of_removed_stages_are_stale(tmp_path):
     in (an old stage's models/moe holds today's models/moe/<variant>) nor one of today's outputs."""
     from types import SimpleNamespace
 
-    from stages.check import stale_outputs
+    from stages.check import remove_stale_outputs, stale_outputs
 
     def stage(name: str, *outs: str) -> SimpleNamespace:
         return SimpleNamespace(name=name, outs=[SimpleNamespace(fs_path=str(tmp_path / o)) for o in outs])
@@ -155,3 +155,11 @@ def test_only_outputs_of_removed_stages_are_stale(tmp_path):
     current = [stage("merge@ties", "models/merged/ties"), stage("moe@merges", "models/moe/merges")]
     stale = stale_outputs(current, tmp_path)
     assert stale == [tmp_path / "metrics/eval/merge/dare_ties.json", tmp_path / "models/merged/dare_ties"]
+
+    # removing them also removes the folders they leave empty (a removed seed's), up to models/
+    (tmp_path / "models/replicas/1/experts/addition").mkdir(parents=True)
+    with (tmp_path / "dvc.lock").open("a") as lock_file:
+        lock_file.write("  finetune_seed@addition-1:\n    outs:\n    - path: models/replicas/1/experts/addition\n")
+    removed = remove_stale_outputs(current, tmp_path)
+    assert tmp_path / "models/replicas/1/experts/addition" in removed
+    assert not (tmp_path / "models/replicas").exists() and (tmp_path / "models/merged/ties").is_dir()
