@@ -980,8 +980,7 @@ def html_report(
 <html lang="en"><head><meta charset="utf-8"><title>Experiment report</title><style>{STYLE}</style></head><body>
 <h1>Experiment report</h1>
 <p id="intro">{html.escape(intro(models))}</p>
-<h2>Findings</h2><ul id="findings">{findings}</ul>
-{html_seeds(seeds or {}, pooled or [])}
+<h2>Findings</h2><ul id="findings">{findings}</ul>{html_seeds(seeds or {}, pooled or [])}
 <h2>Leaderboard</h2>
 <p>Models by kind; the best of each column in bold (lowest for perplexity, highest otherwise).</p>
 {html_scores(models, leaderboard_columns(models), "leaderboard")}

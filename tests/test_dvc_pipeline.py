@@ -347,6 +347,39 @@ def test_another_clone_path_computes_the_same_bytes(project, tmp_path_factory):
     assert json.loads((other / "logs/pretrain.json").read_text())["log"]
 
 
+def seed_stages(seed: int) -> set[str]:
+    """The replicated run of `seed`: every stage after pretraining that makes a model, and its eval."""
+    return {stage_name(name, seed) for name in EXPERTS + MERGES + MOE + DENSE if name != "mixture"}
+
+
+def test_a_replicated_seed_is_pooled_and_adding_one_stales_only_its_stages(project):
+    """seeds.replicas [1] trains the stages after pretraining again with seed 1, and the report pools
+    the two runs; adding seed 2 then makes only seed 2's stages (and the report) out of date. (Here,
+    before the tests that leave settings changed: it needs every other stage up to date.)"""
+    params = (project / "params.yaml").read_text()
+    try:
+        set_params(project, seeds__replicas=[1])
+        assert stages_run(dvc(project, "repro")) == {"check", "report", *seed_stages(1)}
+        lineage = json.loads((project / "models/replicas/1/experts/addition/lineage.json").read_text())
+        assert lineage["stage"] == "finetune_seed@addition-1" and lineage["settings"]["sft"]["seed"] == 1
+        weights = "experts/addition/model.safetensors"
+        assert (project / "models/replicas/1" / weights).read_bytes() != (project / "models" / weights).read_bytes()
+        assert "## Across seeds" in (project / "metrics/report/leaderboard.md").read_text()
+        headline = json.loads((project / "metrics/headline.json").read_text())
+        assert headline["seeds/runs"] == 2 and "seeds/vs_dense/router/holds" in headline
+
+        assert stale_after(project, seeds__replicas=[1, 2]) == {"check", "report", *seed_stages(2)}
+    finally:
+        (project / "params.yaml").write_text(params)
+    # without the seed, the check removes its outputs from the workspace (DVC's cache keeps them), and
+    # the report's inputs are again those of the first run: DVC's run-cache restores its outputs
+    result = dvc(project, "repro")
+    assert stages_run(result) == {"check"} and "Stage 'report' is cached" in result.stdout
+    assert not (project / "models/replicas/1").exists() and "seeds/runs" not in json.loads(
+        (project / "metrics/headline.json").read_text()
+    )
+
+
 def stale_after(project: Path, **settings: object) -> set[str]:
     """The stages `dvc status` finds out of date once `settings` are set in params.yaml (then set
     back): those whose own params or dependencies changed. What depends on their outputs reruns
@@ -443,38 +476,6 @@ def test_experiment_with_set_param(project):
     # `make diff REV=HEAD`: against the commit, the setting that moved
     assert (
         "| eval.max_gen_tokens | 16 | 8 |" in sh(project, sys.executable, "-m", "tools.compare", "--rev", "HEAD").stdout
-    )
-
-
-def seed_stages(seed: int) -> set[str]:
-    """The replicated run of `seed`: every stage after pretraining that makes a model, and its eval."""
-    return {stage_name(name, seed) for name in EXPERTS + MERGES + MOE + DENSE if name != "mixture"}
-
-
-def test_a_replicated_seed_is_pooled_and_adding_one_stales_only_its_stages(project):
-    """seeds.replicas [1] trains the stages after pretraining again with seed 1, and the report pools
-    the two runs; adding seed 2 then makes only seed 2's stages (and the report) out of date."""
-    params = (project / "params.yaml").read_text()
-    try:
-        set_params(project, seeds__replicas=[1])
-        assert stages_run(dvc(project, "repro")) == {"check", "report", *seed_stages(1)}
-        lineage = json.loads((project / "models/replicas/1/experts/addition/lineage.json").read_text())
-        assert lineage["stage"] == "finetune_seed@addition-1" and lineage["settings"]["sft"]["seed"] == 1
-        weights = "experts/addition/model.safetensors"
-        assert (project / "models/replicas/1" / weights).read_bytes() != (project / "models" / weights).read_bytes()
-        assert "## Across seeds" in (project / "metrics/report/leaderboard.md").read_text()
-        headline = json.loads((project / "metrics/headline.json").read_text())
-        assert headline["seeds/runs"] == 2 and "seeds/vs_dense/router/holds" in headline
-
-        assert stale_after(project, seeds__replicas=[1, 2]) == {"check", "report", *seed_stages(2)}
-    finally:
-        (project / "params.yaml").write_text(params)
-    # without the seed, the check removes its outputs from the workspace (DVC's cache keeps them), and
-    # the report's inputs are again those of the first run: DVC's run-cache restores its outputs
-    result = dvc(project, "repro")
-    assert stages_run(result) == {"check"} and "Stage 'report' is cached" in result.stdout
-    assert not (project / "models/replicas/1").exists() and "seeds/runs" not in json.loads(
-        (project / "metrics/headline.json").read_text()
     )
 
 
