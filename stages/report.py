@@ -438,15 +438,15 @@ def seeds_intro(seeds: dict[str, dict[str, Model]], tests: list[PooledTest]) -> 
     )
 
 
-def seeds_markdown(seeds: dict[str, dict[str, Model]], tests: list[PooledTest]) -> str:
+def seeds_markdown(seeds: dict[str, dict[str, Model]], tests: list[PooledTest], scores: list[list[str]]) -> str:
     if len(seeds) < 2:
         return ""
     findings = "\n".join(f"- {pooled_finding(test)}" for test in tests) or f"- {NO_PAIRS}"
     pairs = markdown_table(POOLED_COLUMNS, [pooled_row(test) for test in tests], left=2)
-    scores = markdown_table(["kind", "model", *seeds, "pooled [95% CI]"], seed_rows(seeds), left=2)
+    table = markdown_table(["kind", "model", *seeds, "pooled [95% CI]"], scores, left=2)
     return (
         f"## Across seeds\n\n{seeds_intro(seeds, tests)}\n\n{findings}\n\n{pairs}\n\n"
-        f"Pooled skill exact match of every model trained in each run:\n\n{scores}"
+        f"Pooled skill exact match of every model trained in each run:\n\n{table}"
     )
 
 
@@ -458,7 +458,7 @@ def html_table(header: list[str], rows: list[list[str]], table_id: str) -> str:
     )
 
 
-def html_seeds(seeds: dict[str, dict[str, Model]], tests: list[PooledTest]) -> str:
+def html_seeds(seeds: dict[str, dict[str, Model]], tests: list[PooledTest], scores: list[list[str]]) -> str:
     if len(seeds) < 2:
         return ""
     findings = "".join(f"<li>{inline_code(pooled_finding(test))}</li>" for test in tests) or f"<li>{NO_PAIRS}</li>"
@@ -466,7 +466,7 @@ def html_seeds(seeds: dict[str, dict[str, Model]], tests: list[PooledTest]) -> s
         f"<h2>Across seeds</h2><p>{inline_code(seeds_intro(seeds, tests))}</p><ul id='seed-findings'>{findings}</ul>"
         f"{html_table(POOLED_COLUMNS, [pooled_row(test) for test in tests], 'seed-pairs')}"
         "<p>Pooled skill exact match of every model trained in each run:</p>"
-        f"{html_table(['kind', 'model', *seeds, 'pooled [95% CI]'], seed_rows(seeds), 'seed-scores')}"
+        f"{html_table(['kind', 'model', *seeds, 'pooled [95% CI]'], scores, 'seed-scores')}"
     )
 
 
@@ -609,13 +609,14 @@ def leaderboard_markdown(
     runs: dict[str, Any] | None = None,
     seeds: dict[str, dict[str, Model]] | None = None,
     pooled: list[PooledTest] | None = None,
+    seed_scores: list[list[str]] | None = None,
 ) -> str:
     findings = "\n".join(f"- {finding(test)}" for test in tests) or f"- {NO_PAIRS}"
     pairs = markdown_table(PAIR_COLUMNS, [pair_row(test) for test in tests], left=2)
     sections = [
         f"# Experiment report\n\n{intro(models)}",
         f"## Findings\n\n{findings}",
-        seeds_markdown(seeds or {}, pooled or []),
+        seeds_markdown(seeds or {}, pooled or [], seed_scores or []),
         "## Leaderboard\n\nModels by kind; the best of each column in **bold** (lowest for perplexity, highest "
         f"otherwise).\n\n{markdown_scores(models, leaderboard_columns(models))}",
         selection_text(selection),
@@ -925,11 +926,9 @@ def html_pair_cell(text: str) -> str:
 def html_pairs(tests: list[PairedTest]) -> str:
     if not tests:
         return ""
-    heads = "".join(f"<th>{html.escape(column)}</th>" for column in PAIR_COLUMNS)
-    rows = "".join("<tr>" + "".join(f"<td>{html_pair_cell(c)}</td>" for c in pair_row(t)) + "</tr>" for t in tests)
     return (
         f"<h2>Paired tests</h2><p>{inline_code(tests_description(tests))}</p>"
-        f"<div class='scroll'><table id='pairs'><thead><tr>{heads}</tr></thead><tbody>{rows}</tbody></table></div>"
+        f"{html_table(PAIR_COLUMNS, [pair_row(test) for test in tests], 'pairs')}"
     )
 
 
@@ -970,6 +969,7 @@ def html_report(
     runs: dict[str, Any] | None = None,
     seeds: dict[str, dict[str, Model]] | None = None,
     pooled: list[PooledTest] | None = None,
+    seed_scores: list[list[str]] | None = None,
 ) -> str:
     findings = "".join(f"<li>{inline_code(finding(test))}</li>" for test in tests) or f"<li>{NO_PAIRS}</li>"
     figures = "".join(
@@ -980,7 +980,7 @@ def html_report(
 <html lang="en"><head><meta charset="utf-8"><title>Experiment report</title><style>{STYLE}</style></head><body>
 <h1>Experiment report</h1>
 <p id="intro">{html.escape(intro(models))}</p>
-<h2>Findings</h2><ul id="findings">{findings}</ul>{html_seeds(seeds or {}, pooled or [])}
+<h2>Findings</h2><ul id="findings">{findings}</ul>{html_seeds(seeds or {}, pooled or [], seed_scores or [])}
 <h2>Leaderboard</h2>
 <p>Models by kind; the best of each column in bold (lowest for perplexity, highest otherwise).</p>
 {html_scores(models, leaderboard_columns(models), "leaderboard")}
@@ -1014,12 +1014,15 @@ def run(
     tests = paired_tests(models, research_pairs(models))
     seeds = load_seeds(models, replicas_dir or Path("metrics/replicas"), replicas or [])
     pooled = pooled_tests(seeds) if len(seeds) > 1 else []
+    seed_scores = seed_rows(seeds) if len(seeds) > 1 else []  # once: a bootstrap per model
     runs = load_runs(runs_dir)
     trained = {
         kind.runs_metrics: runs_dir / kind.runs_metrics for kind in KINDS if kind.trains and kind.runs_metrics in runs
     }
     curves = {**curves, **trained}  # the runs that train have curves too
-    write_text(out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection, runs, seeds, pooled))
+    write_text(
+        out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection, runs, seeds, pooled, seed_scores)
+    )
     images = []
     # dvc.yaml declares every plot: one that does not apply (no `skills` task, no MoE) is a note saying why
     if skill_names(models):
@@ -1035,7 +1038,7 @@ def run(
         images.append(out_dir / "routing.png")
     else:
         plot_note("No routing shares: no MoE was trained.", out_dir / "routing.png")
-    write_text(out_dir / "index.html", html_report(models, tests, images, selection, runs, seeds, pooled))
+    write_text(out_dir / "index.html", html_report(models, tests, images, selection, runs, seeds, pooled, seed_scores))
     # Model folders belong to the stages that made them, so the cards with eval results live here.
     for model in models.values():
         write_text(out_dir / "cards" / f"{model.id}.md", model_card(model))
