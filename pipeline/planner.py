@@ -44,6 +44,7 @@ def data_stage_files(settings: DataSettings) -> dict[str, tuple[str, ...]]:
         "--corpus": tuple(f"{split}.jsonl" for split in CORPUS_SPLITS),
         "--sft": skills,
         "--eval": (*skills, "stories.jsonl"),
+        "--validation": skills,
         "--preference": tuple(f"{split}/{skill}" for split in ("train", "eval") for skill in skills),
     }
 

@@ -9,6 +9,8 @@ Outputs (all JSONL, one object per line):
                                  `type: chat_template`.
 - eval/<skill>.jsonl             `{"question", "answer", "choices", "label"}`: exact-answer and
                                  multiple-choice variants of the same held-out questions.
+- validation/<skill>.jsonl       the eval rows' fields, other questions (never an eval one): what a
+                                 merge search scores its trials on.
 - eval/stories.jsonl             `{"context", "endings", "label"}`: story completion, HellaSwag style.
 - preference/{train,eval}/<skill>.jsonl
                                  `{"messages": [user question], "chosen": answer, "rejected": wrong answer}`
@@ -249,28 +251,36 @@ SKILL_GENERATORS: dict[str, Callable[[random.Random, int], SkillItem]] = {
 }
 
 
+def question_rows(
+    skill: str, n: int, choices: int, excluded: set[str], rng: random.Random, setting: str
+) -> list[dict[str, Any]]:
+    """`n` distinct questions of `skill`, none of them in `excluded`, each as an eval row (question,
+    answer, choices, label); `setting` names the count in the error when they cannot be drawn."""
+    generate = SKILL_GENERATORS[skill]
+    rows: list[dict[str, Any]] = []
+    seen = set(excluded)
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 100 * n:
+            raise InputError(f"{setting}={n} is more distinct {skill} questions than can be drawn; lower it")
+        question, answer, distractors = generate(rng, choices - 1)
+        if question in seen:
+            continue
+        seen.add(question)
+        options = [answer, *distractors]
+        rng.shuffle(options)
+        rows.append({"question": question, "answer": answer, "choices": options, "label": options.index(answer)})
+    return rows
+
+
 def skill_datasets(
     skill: str, settings: SkillSettings, rng: random.Random
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """SFT rows and held-out eval rows for one skill; no eval question appears in the SFT rows."""
     generate = SKILL_GENERATORS[skill]
-    eval_rows: list[dict[str, Any]] = []
-    held_out: set[str] = set()
-    attempts = 0
-    while len(eval_rows) < settings.eval_examples:
-        attempts += 1
-        if attempts > 100 * settings.eval_examples:
-            raise InputError(
-                f"data.skills.eval_examples={settings.eval_examples} is more distinct {skill} questions "
-                "than can be drawn; lower it"
-            )
-        question, answer, distractors = generate(rng, settings.choices - 1)
-        if question in held_out:
-            continue
-        held_out.add(question)
-        choices = [answer, *distractors]
-        rng.shuffle(choices)
-        eval_rows.append({"question": question, "answer": answer, "choices": choices, "label": choices.index(answer)})
+    eval_rows = question_rows(skill, settings.eval_examples, settings.choices, set(), rng, "data.skills.eval_examples")
+    held_out = {row["question"] for row in eval_rows}
     sft_rows: list[dict[str, Any]] = []
     while len(sft_rows) < settings.train_examples:
         question, answer, _ = generate(rng, 0)
@@ -369,7 +379,12 @@ def split_documents(
 
 
 def run(
-    settings: DataSettings, corpus_dir: Path, sft_dir: Path, eval_dir: Path, preference_dir: Path | None = None
+    settings: DataSettings,
+    corpus_dir: Path,
+    sft_dir: Path,
+    eval_dir: Path,
+    validation_dir: Path,
+    preference_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Write the output folders (the preference pairs only with preference_dir); return summary counts."""
     rng = random.Random(settings.seed)
@@ -404,6 +419,15 @@ def run(
         stories = story_eval(settings.story_eval_examples, settings.skills.choices, capitals, rng)
         write_jsonl(tmp / "stories.jsonl", stories)
         summary["eval/stories_examples"] = len(stories)
+    with atomic_dir(validation_dir) as tmp:
+        # A stream of its own, like the preference pairs'. Never an eval question; a question may
+        # also be in the SFT rows where the skill has few (addition: 900 in all).
+        validation_rng = random.Random(f"{settings.seed}-validation")
+        for skill in settings.skills.names:
+            held_out = {row["question"] for row in evals[skill]}
+            rows = question_rows(skill, settings.skills.validation_examples, settings.skills.choices, held_out,
+                                 validation_rng, "data.skills.validation_examples")  # fmt: skip
+            write_jsonl(tmp / f"{skill}.jsonl", rows)
     if preference_dir is not None:
         # a stream of its own: drawing from `rng` would change every output written after this
         # one (and adding it must not change the ones before); its counts follow from skills
@@ -431,12 +455,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, required=True, help="output folder of the corpus splits")
     parser.add_argument("--sft", type=Path, required=True, help="output folder of the SFT skill sets")
     parser.add_argument("--eval", type=Path, required=True, help="output folder of the eval sets")
+    parser.add_argument("--validation", type=Path, required=True, help="output folder of the skills' validation "
+                        "sets (what merge searches score on)")  # fmt: skip
     parser.add_argument("--preference", type=Path, help="output folder of the preference pairs (DPO)")
     parser.add_argument("--metrics", type=Path, required=True, help="summary JSON (a DVC metric)")
     args = parser.parse_args(argv)
     params = start("data")
     configure_environment(hub_access=params.data.corpus.source == "hub")
-    summary = run(params.data, args.corpus, args.sft, args.eval, args.preference)
+    summary = run(params.data, args.corpus, args.sft, args.eval, args.validation, args.preference)
     write_json(args.metrics, summary)
 
 

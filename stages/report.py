@@ -15,8 +15,9 @@ folders; the MoE stages' routing JSONs.
 Every exact-match or accuracy score is shown with its Wilson 95% confidence interval over its
 items. The pairs that answer the research question (each trained MoE against the best dense
 model trained on the same mixture, and against the untrained MoE it started from; the best
-merge against the best expert) get McNemar's exact test on the pooled skill items, Holm-adjusted
-over the pairs, and one generated sentence each (the findings).
+merge against the best expert; a searched merge against every hand-written recipe and the best
+expert) get McNemar's exact test on the pooled skill items, Holm-adjusted over the pairs, and one
+generated sentence each (the findings).
 
 With replicated runs (`seeds.replicas`: --replicas holds <seed>/eval and <seed>/eval_raw, laid out
 like the main run's), every comparison is also pooled over the runs: the difference with a crossed
@@ -32,6 +33,8 @@ Outputs in --out:
   (without a `skills` task, e.g. a profile scored on standard tasks: a note saying so);
 - curves.png: training and validation loss, one panel per training run;
 - routing.png: tokens routed to each expert of each MoE (without routing JSONs: a note);
+- merge_search.png: each merge search's validation score by trial and the best so far (without a
+  search: a note); the Merge search section says whether search beat the hand-written recipes;
 - index.html: all of the above in one self-contained page (images inlined, no CDN, no script
   from outside), with each model's lineage;
 - cards/<kind>/<name>.md: a model card with the model's eval results and lineage.
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import html
 import json
 import logging
@@ -133,6 +137,7 @@ class PairedTest:
     items: int
     p: float
     p_adjusted: float
+    pair_outcomes: tuple[list[int], list[int]] = ((), ())  # A's and B's 0/1 per item
 
     @property
     def significant(self) -> bool:
@@ -268,6 +273,24 @@ def research_pairs(models: dict[str, Model]) -> list[Pair]:
             key, question, other = AFTER_SFT_QUESTIONS[model.kind]
             if b := other(model, models):
                 pairs.append(Pair(f"{key}/{model.id}", question, model.id, b, False))
+    return pairs + search_pairs(models)
+
+
+def search_pairs(models: dict[str, Model]) -> list[Pair]:
+    """Each searched merge against every hand-written recipe (the best of them in the headline) and
+    the best expert. The search chose its merge on the validation split; these are held-out items."""
+    merges = [model for model in models.values() if model.kind == "merge" and model.items.get(POOLED)]
+    best_merge, expert = best_of(models, "merge"), best_of(models, "expert")
+    pairs = []
+    for model in (m for m in models.values() if m.kind == "search" and m.items.get(POOLED)):
+        question = "Searched merge (chosen on validation) vs a hand-written recipe"
+        for merge in merges:
+            best = merge.id == best_merge
+            key = f"search_vs_best_merge/{model.name}" if best else f"search_vs_merge/{model.name}/{merge.name}"
+            pairs.append(Pair(key, question, model.id, merge.id, best))
+        if expert:
+            question = "Searched merge vs the best expert"
+            pairs.append(Pair(f"search_vs_expert/{model.name}", question, model.id, expert, False))
     return pairs
 
 
@@ -289,7 +312,8 @@ def paired_tests(models: dict[str, Model], pairs: list[Pair]) -> list[PairedTest
         a, b = outcomes[pair.key]
         only_a, only_b = discordant_counts(a, b)
         tests.append(
-            PairedTest(pair, Score.of(a), Score.of(b), only_a, only_b, len(a), p_values[pair.key], adjusted[pair.key])
+            PairedTest(pair, Score.of(a), Score.of(b), only_a, only_b, len(a), p_values[pair.key], adjusted[pair.key],
+                       (a, b))  # fmt: skip
         )
     return tests
 
@@ -610,6 +634,7 @@ def leaderboard_markdown(
     seeds: dict[str, dict[str, Model]] | None = None,
     pooled: list[PooledTest] | None = None,
     seed_scores: list[list[str]] | None = None,
+    searches: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     findings = "\n".join(f"- {finding(test)}" for test in tests) or f"- {NO_PAIRS}"
     pairs = markdown_table(PAIR_COLUMNS, [pair_row(test) for test in tests], left=2)
@@ -621,6 +646,7 @@ def leaderboard_markdown(
         f"otherwise).\n\n{markdown_scores(models, leaderboard_columns(models))}",
         selection_text(selection),
         f"## Paired tests\n\n{tests_description(tests)}\n\n{pairs}" if tests else "",
+        searches_markdown(searches or {}, tests),
         runs_markdown(runs or {}),
         f"## Every task/metric\n\n{markdown_scores(models, metric_names(models))}",
     ]
@@ -692,6 +718,84 @@ def html_runs(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
             f"<thead><tr><th>metric</th>{heads}</tr></thead><tbody>{body}</tbody></table></div>"
         )
     return f"<h2>After SFT</h2><p>{html.escape(RUNS_INTRO)}</p>{''.join(tables)}"
+
+
+# --- Merge searches (merge_search.runs): metrics/runs/merge_search/<name>.json and <name>/trials.csv ---
+SEARCHES = "merge_search"
+
+
+def search_verdict(name: str, tests: list[PairedTest]) -> str:
+    """What the held-out items say of search `name` against the hand-written recipes (Markdown)."""
+    against = [test for test in tests if test.pair.a == f"search/{name}" and test.pair.b.startswith("merge/")]
+    if not against:
+        return f"`search/{name}` has no evaluated hand-written recipe to compare with."
+    above = sum(test.significant and test.score_a.value > test.score_b.value for test in against)
+    below = sum(test.significant and test.score_a.value < test.score_b.value for test in against)
+    best = next(test for test in against if test.pair.in_headline)
+    a, b = np.array([best.pair_outcomes[0]]), np.array([best.pair_outcomes[1]])
+    difference = Score(*crossed_bootstrap(a - b))
+    beat = best.significant and difference.value > 0
+    return (
+        f"On the held-out skill items, `search/{name}` scores {best.score_a.text(2)}: significantly above {above} and "
+        f"below {below} of the {len(against)} hand-written recipes (McNemar, Holm-adjusted). Against the best of "
+        f"them, `{best.pair.b}` ({best.score_b.text(2)}), the difference is {difference.value:+.3f} "
+        f"[{difference.low:+.3f}, {difference.high:+.3f}] (95% bootstrap over the items; adjusted p = "
+        f"{format_p(best.p_adjusted)}): the search {'beat' if beat else 'did not beat'} the hand-written recipes."
+    )
+
+
+def search_intro(results: dict[str, dict[str, Any]]) -> str:
+    return (
+        f"{len(results)} search{'es' if len(results) > 1 else ''} for a merge recipe (Optuna, mergekit): each trial "
+        "merges the experts with the parameters the sampler proposes and is scored on the validation split "
+        "(questions that are never eval items); the best trial's merge is evaluated on the held-out items like every "
+        "model. The table gives each search's trials, best trial, validation scores and recipe; the plot, the "
+        "search curve."
+    )
+
+
+def searches_markdown(results: dict[str, dict[str, Any]], tests: list[PairedTest]) -> str:
+    if not results:
+        return ""
+    verdicts = "\n".join(f"- {search_verdict(name, tests)}" for name in results)
+    table = markdown_table(["setting", *results], run_rows(results))
+    return f"## Merge search\n\n{search_intro(results)}\n\n{verdicts}\n\n{table}"
+
+
+def html_searches(results: dict[str, dict[str, Any]], tests: list[PairedTest]) -> str:
+    if not results:
+        return ""
+    verdicts = "".join(f"<li>{inline_code(search_verdict(name, tests))}</li>" for name in results)
+    rows = [[html.escape(cell) for cell in row] for row in run_rows(results)]
+    table = html_table(["setting", *map(html.escape, results)], rows, "merge-search")
+    return f"<h2>Merge search</h2><p>{html.escape(search_intro(results))}</p><ul id='search-verdicts'>{verdicts}</ul>{table}"
+
+
+def read_trials(path: Path) -> tuple[list[int], list[float], list[float]]:
+    """Trial numbers, their validation scores and the best so far, from a search's trials.csv."""
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    return [int(r["trial"]) for r in rows], [float(r["exact_match"]) for r in rows], [float(r["best"]) for r in rows]
+
+
+def plot_searches(runs_dir: Path, names: list[str], path: Path) -> None:
+    """Each search's validation score per trial (dots) and the best so far (line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name in names:
+        trials, scores, best = read_trials(runs_dir / SEARCHES / name / "trials.csv")
+        (line,) = axes.step(trials, best, where="post", label=f"{name}: best so far")
+        axes.plot(trials, scores, "o", color=line.get_color(), alpha=0.4, markersize=4, label=f"{name}: each trial")
+    axes.set_xlabel("trial")
+    axes.set_ylabel("validation exact match (all skills)")
+    axes.set_title("Merge search")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    save_figure(figure, path)
 
 
 def lineage_sentence(lineage: dict[str, Any]) -> str:
@@ -873,6 +977,8 @@ CAPTIONS = {
     "column). Brighter is better; each cell gives the share.",
     "curves": "Training loss (line) and validation loss (dots) in nat/token against the optimizer step, one "
     "panel per training run (pretraining, each expert, each run on the mixture); log scale, lower is better.",
+    "merge_search": "Each merge search's validation score (exact match over every skill's validation questions) "
+    "per trial (dots) and the best score so far (line): the search curve. The held-out comparison is in the text.",
     "routing": "Share of each skill's question tokens that each MoE model's routers send to each expert, per "
     "layer (left) and per skill over all layers (right). Even rows mean no specialisation; a bright cell is "
     "an expert that those tokens prefer.",
@@ -970,6 +1076,7 @@ def html_report(
     seeds: dict[str, dict[str, Model]] | None = None,
     pooled: list[PooledTest] | None = None,
     seed_scores: list[list[str]] | None = None,
+    searches: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     findings = "".join(f"<li>{inline_code(finding(test))}</li>" for test in tests) or f"<li>{NO_PAIRS}</li>"
     figures = "".join(
@@ -987,7 +1094,7 @@ def html_report(
 <p id="selection">{inline_code(selection_text(selection))}</p>
 <details><summary>Every task/metric</summary>{html_scores(models, metric_names(models), "all-metrics")}</details>
 {html_pairs(tests)}
-{html_runs(runs or {})}
+{html_searches(searches or {}, tests)}{html_runs(runs or {})}
 <h2>Plots</h2>{figures}
 <h2>Models</h2>{html_models(models)}
 </body></html>
@@ -1016,12 +1123,13 @@ def run(
     pooled = pooled_tests(seeds) if len(seeds) > 1 else []
     seed_scores = seed_rows(seeds) if len(seeds) > 1 else []  # once: a bootstrap per model
     runs = load_runs(runs_dir)
+    searches = runs.pop(SEARCHES, {})  # a section of its own, with its verdict and curve
     trained = {
         kind.runs_metrics: runs_dir / kind.runs_metrics for kind in KINDS if kind.trains and kind.runs_metrics in runs
     }
     curves = {**curves, **trained}  # the runs that train have curves too
     write_text(
-        out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection, runs, seeds, pooled, seed_scores)
+        out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection, runs, seeds, pooled, seed_scores, searches)
     )
     images = []
     # dvc.yaml declares every plot: one that does not apply (no `skills` task, no MoE) is a note saying why
@@ -1038,7 +1146,13 @@ def run(
         images.append(out_dir / "routing.png")
     else:
         plot_note("No routing shares: no MoE was trained.", out_dir / "routing.png")
-    write_text(out_dir / "index.html", html_report(models, tests, images, selection, runs, seeds, pooled, seed_scores))
+    if searches:
+        plot_searches(runs_dir, list(searches), out_dir / "merge_search.png")
+        images.append(out_dir / "merge_search.png")
+    else:
+        plot_note("No merge search: merge_search.runs is empty.", out_dir / "merge_search.png")
+    write_text(out_dir / "index.html", html_report(models, tests, images, selection, runs, seeds, pooled, seed_scores,
+                                                        searches))  # fmt: skip
     # Model folders belong to the stages that made them, so the cards with eval results live here.
     for model in models.values():
         write_text(out_dir / "cards" / f"{model.id}.md", model_card(model))

@@ -16,7 +16,7 @@ configure_environment()  # tests never reach the hub, and keep caches inside the
 
 TINY_DATA = DataSettings(
     world=WorldSettings(corpus_megabytes=0.3),
-    skills=SkillSettings(train_examples=300, eval_examples=60),
+    skills=SkillSettings(train_examples=300, eval_examples=60, validation_examples=40),
     story_eval_examples=40,
 )
 
@@ -50,7 +50,7 @@ def outputs_in(root: Path) -> pretrain.Outputs:
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Output of the data stage on TINY_DATA: a folder with corpus/, sft/ and eval/."""
     root = tmp_path_factory.mktemp("data")
-    data.run(TINY_DATA, root / "corpus", root / "sft", root / "eval")
+    data.run(TINY_DATA, root / "corpus", root / "sft", root / "eval", root / "validation")
     return root
 
 

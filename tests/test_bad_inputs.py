@@ -233,7 +233,7 @@ def test_bad_local_corpus_stops_the_data_stage(case, tmp_path):
     previous_outputs(out / "corpus", out / "sft", out / "eval")
     before = file_hashes(out)
     with pytest.raises(InputError) as raised:
-        data.run(settings, out / "corpus", out / "sft", out / "eval")
+        data.run(settings, out / "corpus", out / "sft", out / "eval", out / "validation")
     assert_names(raised, path, expected)
     assert file_hashes(out) == before
 

@@ -24,14 +24,14 @@ def output_files(root: Path) -> list[Path]:
 
 
 def run_into(root: Path, settings: DataSettings) -> dict:
-    return data.run(settings, root / "corpus", root / "sft", root / "eval")
+    return data.run(settings, root / "corpus", root / "sft", root / "eval", root / "validation")
 
 
 def test_same_seed_gives_byte_identical_files(tiny_data, tmp_path):
     run_into(tmp_path, TINY_DATA)
     files = output_files(tiny_data)
     assert files == output_files(tmp_path)
-    assert len(files) == 3 + 4 + 5
+    assert len(files) == 3 + 4 + 5 + 4
     match, mismatch, errors = filecmp.cmpfiles(tiny_data, tmp_path, [str(f) for f in files], shallow=False)
     assert not mismatch and not errors
 
@@ -73,7 +73,7 @@ def correct_answer(skill: str, question: str) -> str:
 
 
 @pytest.mark.parametrize("skill", ["addition", "sorting", "comparison", "counting"])
-def test_answers_are_correct_and_eval_is_held_out(tiny_data, skill):
+def test_answers_are_correct_and_eval_and_validation_are_held_out(tiny_data, skill):
     sft = read_jsonl(tiny_data / "sft" / f"{skill}.jsonl")
     for row in sft:
         user, assistant = row["messages"]
@@ -83,7 +83,11 @@ def test_answers_are_correct_and_eval_is_held_out(tiny_data, skill):
     questions = [row["question"] for row in evals]
     assert len(set(questions)) == len(questions)
     assert not set(questions) & {row["messages"][0]["content"] for row in sft}
-    for row in evals:
+    validation = read_jsonl(tiny_data / "validation" / f"{skill}.jsonl")
+    validation_questions = [row["question"] for row in validation]
+    assert len(set(validation_questions)) == len(validation_questions) == TINY_DATA.skills.validation_examples
+    assert not set(validation_questions) & set(questions)  # merge searches never score on an eval item
+    for row in evals + validation:
         assert row["answer"] == correct_answer(skill, row["question"])
         assert len(row["choices"]) == len(set(row["choices"])) == TINY_DATA.skills.choices
         assert row["choices"][row["label"]] == row["answer"]

@@ -36,7 +36,7 @@ TRAIN_PAIRS = 256
 def preference_data(tmp_path_factory) -> Path:
     """The data stage on TINY_DATA with the preference pairs: corpus/, sft/, eval/ and preference/."""
     root = tmp_path_factory.mktemp("preference_data")
-    data.run(TINY_DATA, root / "corpus", root / "sft", root / "eval", root / "preference")
+    data.run(TINY_DATA, root / "corpus", root / "sft", root / "eval", root / "validation", root / "preference")
     return root
 
 

@@ -380,6 +380,33 @@ def test_a_replicated_seed_is_pooled_and_adding_one_stales_only_its_stages(proje
     )
 
 
+def test_a_merge_search_keeps_its_study_between_runs_and_is_compared_in_the_report(project):
+    """A search of 2 trials, then 3: DVC keeps the study (persist), so the second run computes only
+    the third trial and keeps the first two; the report compares the searched merge with the recipes.
+    (Before the tests that leave settings changed, like the seeds test.)"""
+    params = (project / "params.yaml").read_text()
+    table = project / "metrics/runs/merge_search/tiny/trials.csv"
+    search_stages = {"check", "merge_search@tiny", "eval_search@tiny", "report"}
+    try:
+        set_params(project, merge_search__runs={"tiny": {"trials": 2, "normalize": False}})
+        assert stages_run(dvc(project, "repro")) == search_stages
+        first = table.read_text().splitlines()
+        assert len(first) == 1 + 2
+        assert "## Merge search" in (project / "metrics/report/leaderboard.md").read_text()
+        assert "search_vs_best_merge/tiny/diff" in json.loads((project / "metrics/headline.json").read_text())
+
+        set_params(project, merge_search__runs__tiny__trials=3)
+        result = dvc(project, "repro")
+        assert {"check", "merge_search@tiny"} <= stages_run(result)
+        assert "the study holds 2 completed trials of 3" in result.stdout + result.stderr
+        assert table.read_text().splitlines()[:3] == first and len(table.read_text().splitlines()) == 1 + 3
+    finally:
+        (project / "params.yaml").write_text(params)
+    result = dvc(project, "repro")  # without the search, the check removes its outputs, the study too
+    assert stages_run(result) == {"check"} and "Stage 'report' is cached" in result.stdout
+    assert not (project / "models/searched/tiny").exists() and not (project / "models/search_studies/tiny.db").exists()
+
+
 def stale_after(project: Path, **settings: object) -> set[str]:
     """The stages `dvc status` finds out of date once `settings` are set in params.yaml (then set
     back): those whose own params or dependencies changed. What depends on their outputs reruns

@@ -26,14 +26,16 @@ from pipeline.settings.stage_view import stage_files, stage_params
 # itself, pretrain's resumable checkpoints (see dvc.yaml), the logs of volatile facts (timings)
 # that nothing may hash, and model ids (expert/addition), which look like paths.
 NOT_FILES = {"--work", "--checkpoints", "--timing", "--name"}
+SEARCH_STAGES = ("merge_search", "eval_search")  # the merge-search profile's own
 
 
 @pytest.fixture(scope="module")
 def stages() -> Iterator[list[Any]]:
     """Every stage of the default experiment and one of each optional run (dpo, adapters, qat, quantize,
-    gguf: none by default), as the post-sft profile makes them, and the replicated runs' stages
-    (`<stage>_seed@...`: none by default), as the seeds profile makes them, each read in a mirror of the
-    project whose paths resolve to the project's own files."""
+    gguf: none by default), as the post-sft profile makes them, the replicated runs' stages
+    (`<stage>_seed@...`: none by default), as the seeds profile makes them, and a merge search's, as the
+    merge-search profile makes them, each read in a mirror of the project whose paths resolve to the
+    project's own files."""
     from dvc.repo import Repo
 
     from stages.check import profile_project
@@ -43,10 +45,13 @@ def stages() -> Iterator[list[Any]]:
         Repo(str(mirror)) as repo,
         profile_project("seeds", PROJECT_ROOT) as seeds_mirror,
         Repo(str(seeds_mirror)) as seeds_repo,
+        profile_project("merge-search", PROJECT_ROOT) as search_mirror,
+        Repo(str(search_mirror)) as search_repo,
     ):
         replicated = [stage for stage in seeds_repo.index.stages if "_seed@" in stage.name]
-        assert replicated, "the seeds profile makes no replicated stage"
-        yield list(repo.index.stages) + replicated
+        searches = [stage for stage in search_repo.index.stages if stage.name.split("@")[0] in SEARCH_STAGES]
+        assert replicated and searches, "the seeds profile makes no replicated stage, or merge-search no search"
+        yield list(repo.index.stages) + replicated + searches
 
 
 def files(stage: Any) -> list[Path]:
@@ -181,6 +186,7 @@ def test_torch_stages_declare_the_compute_settings(stages):
 NOT_TORCH = ("check", "hub@*", "data", "tokenize", "select", "select_seed@*", "mixture", "report")  # the rest compute
 SFT_STAGES = ("finetune", "dense", "moe_finetune", "dpo", "adapter", "qat")
 EVAL_STAGES = tuple(kind.eval_stage for kind in KINDS)
+SEARCH_EVAL_KEYS = ("apply_chat_template", "batch_size", "device", "dtype", "limit", "num_fewshot", "seed")
 READERS = {
     "hub.{}": ["hub@{}"],
     "compute": ["*", *(f"!{name}" for name in NOT_TORCH)],
@@ -188,12 +194,14 @@ READERS = {
     "tokenize": ["tokenize"],
     "pretrain": ["pretrain"],
     "eval": [f"{kind}@*" for kind in EVAL_STAGES],
-    "eval.max_gen_tokens": [f"{kind}@*" for kind in EVAL_STAGES] + ["gguf@*"],
+    # a merge search scores its trials as the eval stages score models, on the validation split
+    **{f"eval.{key}": [f"{kind}@*" for kind in EVAL_STAGES] + ["merge_search@*"] for key in SEARCH_EVAL_KEYS},
+    "eval.max_gen_tokens": [f"{kind}@*" for kind in EVAL_STAGES] + ["gguf@*", "merge_search@*"],
     "sft": [f"{kind}@*" for kind in SFT_STAGES],
     "finetune.base_model": ["finetune@*", "adapter@*", "qat@*"],
     "finetune.replay_text": ["finetune@*", "adapter@*", "qat@*", "dense@*", "moe_finetune@*"],
     "finetune.defaults": ["finetune@*", "adapter@*", "qat@*"],
-    "merge.dtype": ["merge@*"],
+    "merge.dtype": ["merge@*", "merge_search@*"],
     "merge.seed": ["merge@*"],
     "select": ["select"],
     "moe": ["moe@*"],

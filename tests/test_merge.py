@@ -159,3 +159,76 @@ def test_selection_with_too_few_qualifying_merges():
         select(SelectSettings(top_k=3, min_score=0.3, on_too_few="fail"), scores)
     with pytest.raises(InputError, match="^no merge qualifies"):
         select(SelectSettings(top_k=1, min_score=0.9), scores)
+
+
+# --- merge_search: Optuna over recipes, each trial a real mergekit merge scored by lm-eval ---
+
+
+class Stop(BaseException):
+    """Stands for a stage killed in the middle of a trial (as SIGTERM's exit does, it is no Exception)."""
+
+
+def search_for(models, tiny_data, tasks_dir, stop_at: int | None = None):
+    from pipeline.settings.eval import EvalSettings
+    from pipeline.settings.merge_search import SearchRun
+    from stages import merge_search
+
+    experts = {name: str(models[name]) for name in ("addition", "sorting")}
+    tasks_dir.mkdir()
+    settings = EvalSettings(limit=8)  # 8 validation questions per skill: the test is about trials, not scores
+    scorer = merge_search.Scorer.make(settings, tiny_data / "validation", models["addition"], tasks_dir)
+    run = SearchRun(methods=["ties", "task_arithmetic"], normalize=False)
+    search = merge_search.Search(run, experts, str(models["base"]), "float32", scorer)
+    if stop_at is not None:
+        score = search.score
+
+        def stopping(trial):
+            if trial.number == stop_at:
+                raise Stop
+            return score(trial)
+
+        search.score = stopping
+    return search
+
+
+def trials_of(study) -> list[tuple[int, str, dict, float]]:
+    return [(t.number, t.state.name, t.params, t.value) for t in study.trials]
+
+
+def test_a_stopped_merge_search_resumes_with_the_trials_of_an_unstopped_one(models, tiny_data, tmp_path):
+    """A run stopped in trial 1 leaves it running; the next run runs it again with the same parameters
+    and goes on; the study then holds what an uninterrupted run's does. Raising the number of trials
+    runs only the new ones; the best trial's merge is a model folder with its recipe and lineage."""
+    from stages import merge_search
+
+    whole = merge_search.open_study(tmp_path / "whole.db", "s")
+    merge_search.run_trials(whole, search_for(models, tiny_data, tmp_path / "a"), 3)
+
+    stopped = merge_search.open_study(tmp_path / "stopped.db", "s")
+    with pytest.raises(Stop):
+        merge_search.run_trials(stopped, search_for(models, tiny_data, tmp_path / "b", stop_at=1), 3)
+    assert [t.state.name for t in stopped.trials] == ["COMPLETE", "RUNNING"]
+    search = search_for(models, tiny_data, tmp_path / "c")
+    merge_search.run_trials(stopped, search, 3)
+    assert trials_of(stopped) == trials_of(whole)
+    assert len({json.dumps(t.params, sort_keys=True) for t in whole.trials}) == 3  # the sampler did propose
+    assert {t.params["method"] for t in whole.trials} <= {"ties", "task_arithmetic"}
+
+    calls = []
+    score = search.score
+    search.score = lambda trial: calls.append(trial.number) or score(trial)
+    merge_search.run_trials(stopped, search, 4)
+    assert calls == [3]
+
+    trials = merge_search.finished_trials(stopped, 4)
+    best = merge_search.best_trial(trials)
+    recipe = merge_search.recipe_from_params(best.params, search.run, list(search.experts))
+    facts = merge_search.summary(search.run, trials, best, recipe)
+    assert recipe.parameters["normalize"] is False and facts["validation_items"] == 4 * 8  # four skills, limit 8
+    merge_search.write_best(search, "tiny", recipe, facts, tmp_path / "best")
+    lineage = json.loads((tmp_path / "best/lineage.json").read_text())
+    assert (lineage["kind"], lineage["stage"]) == ("search", "merge_search@tiny")
+    assert lineage["settings"]["recipe"]["parameters"]["weight"] == recipe.parameters["weight"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "best").num_parameters() > 0
+    table = merge_search.trials_table(trials).splitlines()
+    assert table[0].startswith("trial,exact_match,best,") and len(table) == 5

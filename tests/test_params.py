@@ -191,6 +191,18 @@ def test_a_mixture_weight_cannot_be_negative(tmp_path):
     assert "mixture.weights.sorting: Input should be greater than or equal to 0" in message
 
 
+def test_a_merge_search_names_searchable_methods_known_experts_and_ordered_ranges(tmp_path):
+    run = load_params(write_params(tmp_path, "merge_search: {runs: {s: {methods: [ties, dare_linear]}}}\n"))
+    assert run.merge_search.runs["s"].uses_density() and run.merge_search.runs["s"].trials == 50
+    assert "['slerp'] cannot be searched (no weight per expert); valid: breadcrumbs" in params_error(
+        tmp_path, "merge_search: {runs: {s: {methods: [slerp]}}}\n"
+    )
+    message = params_error(tmp_path, "merge_search: {runs: {s: {experts: [addition, poetry]}}}\n")
+    assert "merge_search.runs.s.experts: ['poetry'] are not in finetune.experts" in message
+    message = params_error(tmp_path, "merge_search: {runs: {s: {weight: {low: 1, high: 0.5}}}}\n")
+    assert "merge_search.runs.s.weight" in message and "low (1.0) must be below high (0.5)" in message
+
+
 def test_replicated_seeds_are_distinct_and_differ_from_the_main_run(tmp_path):
     assert load_params(write_params(tmp_path, "seeds: {replicas: [2, 1]}\n")).seeds.replicas == [2, 1]
     assert "seeds [1] appear more than once" in params_error(tmp_path, "seeds: {replicas: [1, 2, 1]}\n")
@@ -461,11 +473,11 @@ def test_the_data_stage_writes_the_files_check_expects(tmp_path):
 
     settings = DataSettings(
         world={"corpus_megabytes": 0.01},
-        skills={"names": ["sorting", "counting"], "train_examples": 2, "eval_examples": 2},
+        skills={"names": ["sorting", "counting"], "train_examples": 2, "eval_examples": 2, "validation_examples": 2},
         story_eval_examples=2,
     )
-    folders = {option: tmp_path / option.strip("-") for option in ("--corpus", "--sft", "--eval", "--preference")}
-    run(settings, folders["--corpus"], folders["--sft"], folders["--eval"], folders["--preference"])
+    folders = {option: tmp_path / option.strip("-") for option in ("--corpus", "--sft", "--eval", "--validation", "--preference")}
+    run(settings, *folders.values())
     for option, files in data_stage_files(settings).items():
         written = [path.relative_to(folders[option]).as_posix() for path in folders[option].rglob("*.*")]
         assert sorted(written) == sorted(files), option

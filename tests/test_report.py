@@ -309,6 +309,31 @@ def test_runs_after_sft_are_compared_with_their_start_and_tabled(project):
     assert "<table id='runs-gguf'>" in page and "<h2>After SFT</h2>" in page
 
 
+def test_a_searched_merge_is_tested_against_every_recipe_and_the_best_expert(project):
+    """The searched merge (chosen on validation) against each hand-written recipe (the best one in the
+    headline) and the best expert on the held-out items; the search's section says whether it beat
+    the recipes, tables its recipe and plots its validation curve."""
+    write_model(project, "merge/linear", (10, 0, 0, 0))
+    write_model(project, "search/tuned", (70, 0, 0, 40))  # ties' 90 items and 20 more
+    runs = project / "runs" / "merge_search"
+    (runs / "tuned").mkdir(parents=True)
+    summary = {"trials": 3, "best_trial": 2, "recipe": {"method": "ties", "weight": {"addition": 0.7}}}
+    (runs / "tuned.json").write_text(json.dumps(summary))
+    (runs / "tuned" / "trials.csv").write_text("trial,exact_match,best\n0,0.1,0.1\n1,0.05,0.1\n2,0.3,0.3\n")
+    headline = build(project, runs_dir=project / "runs")
+    text = (project / "out" / "leaderboard.md").read_text()
+    assert "`search/tuned` scores higher than `merge/linear`" in text and "than `merge/ties`" in text
+    assert "Searched merge vs the best expert: No significant difference between `search/tuned` and" in text
+    assert "significantly above 2 and below 0 of the 2 hand-written recipes" in text
+    assert "Against the best of them, `merge/ties` (0.23 [0.19, 0.27]), the difference is +0.050" in text
+    assert "the search beat the hand-written recipes" in text
+    assert "| recipe/weight/addition | 0.7 |" in text and "After SFT" not in text
+    assert headline["search_vs_best_merge/tuned/diff"] == 0.05 and headline["search/best_em"] == 0.275
+    assert "search_vs_merge/tuned/linear/diff" not in headline
+    assert png_size(project / "out" / "merge_search.png")[0] > 300
+    assert "<ul id='search-verdicts'>" in (project / "out" / "index.html").read_text()
+
+
 def test_without_runs_after_sft_the_report_has_no_such_section(built):
     assert "After SFT" not in (built / "leaderboard.md").read_text()
 

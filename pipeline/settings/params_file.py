@@ -28,6 +28,7 @@ from pipeline.settings.finetune import FinetuneSettings
 from pipeline.settings.gguf import GGUFSettings
 from pipeline.settings.hub import HubSource
 from pipeline.settings.merge import MERGE_METHODS, MergeSettings
+from pipeline.settings.merge_search import MergeSearchSettings
 from pipeline.settings.mixture import MixtureSettings
 from pipeline.settings.moe import MoESettings
 from pipeline.settings.pretrain import PretrainSettings
@@ -54,6 +55,7 @@ class Params(Section):
     sft: SFTSettings = Field(default_factory=SFTSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
+    merge_search: MergeSearchSettings = Field(default_factory=MergeSearchSettings)
     select: SelectSettings = Field(default_factory=SelectSettings)
     moe: MoESettings = Field(default_factory=MoESettings)
     mixture: MixtureSettings = Field(default_factory=MixtureSettings)
@@ -107,6 +109,18 @@ class Params(Section):
             for parameter, value in recipe.parameters.items():
                 if isinstance(value, dict) and set(value) != set(chosen):
                     raise ValueError(f"{where}.parameters.{parameter}: give a value for each of {chosen}")
+        return self
+
+    @model_validator(mode="after")
+    def _searches_name_known_experts(self) -> Params:
+        experts = list(self.finetune.experts)
+        for name, run in self.merge_search.runs.items():
+            chosen = run.experts if run.experts is not None else experts
+            if unknown := [e for e in chosen if e not in experts]:
+                raise ValueError(f"merge_search.runs.{name}.experts: {unknown} are not in finetune.experts "
+                                 f"({', '.join(experts)})")  # fmt: skip
+            if len(set(chosen)) != len(chosen):
+                raise ValueError(f"merge_search.runs.{name}.experts lists an expert twice: {chosen}")
         return self
 
     @model_validator(mode="after")
