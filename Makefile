@@ -90,6 +90,7 @@ bench: install  ## throughput figures (not tests)
 	$(BIN)/python -m bench.bench_compute
 	$(BIN)/python -m bench.bench_parallel
 	$(BIN)/python -m bench.bench_finetune
+	$(BIN)/python -m bench.bench_merge_search
 	$(BIN)/python -m bench.bench_pipeline
 
 lock:  ## re-resolve requirements/lock.txt from requirements/requirements.in (needs uv)
