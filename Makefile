@@ -20,7 +20,7 @@ export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 
 .PHONY: install browser profile run compare diff llama-cpp test test-scale lint check bench lock clean docs
 
-# PROFILE=<name> (profiles/<name>.yaml: tiny, gpu-small, phi3-moe, post-sft, seeds) selects another experiment:
+# PROFILE=<name> (profiles/<name>.yaml: tiny, gpu-small, phi3-moe, post-sft, seeds, merge-search) selects another experiment:
 # `make run PROFILE=gpu-small` writes it into params.yaml first (pipeline/profiles.py), `make check
 # PROFILE=...` only validates it. Left empty, params.yaml is used as it stands.
 PROFILE ?=
