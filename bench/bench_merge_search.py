@@ -75,5 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     for label, value in rows.items():
         print(f"{label.ljust(width)}  {value}")
 
+
 if __name__ == "__main__":
     main()

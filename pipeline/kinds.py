@@ -30,8 +30,7 @@ KINDS = (
     Kind("expert", "finetune", "eval_expert", "finetune.experts", dataset_files=("dataset",), replicated=True),
     Kind("merge", "merge", "eval_merge", "merge.recipes", replicated=True),
     # optional: merge_search.runs is empty by default
-    Kind("search", "merge_search", "eval_search", "merge_search.runs", runs_metrics="merge_search",
-         title="Merge search (the best trial by validation score)"),  # fmt: skip
+    Kind("search", "merge_search", "eval_search", "merge_search.runs", "merge_search", "Merge search"),
     Kind("moe", "moe", "eval_moe", "moe.variants", replicated=True),
     Kind("dense", "dense", "eval_dense", "mixture.dense_runs", replicated=True),
     Kind("moe_trained", "moe_finetune", "eval_moe_trained", "mixture.moe_runs", replicated=True),

@@ -49,8 +49,15 @@ from pipeline.settings.base import InputError
 from pipeline.settings.merge import MERGE_METHODS, MergeRecipe
 from pipeline.settings.merge_search import SearchRun
 from pipeline.stage import configure_environment, start
-from stages.eval import Tasks, evaluate, item_outcomes, pooled_skill_items, question_prompt, skill_task_configs
-from stages.eval import write_task_files
+from stages.eval import (
+    Tasks,
+    evaluate,
+    item_outcomes,
+    pooled_skill_items,
+    question_prompt,
+    skill_task_configs,
+    write_task_files,
+)
 from stages.merge import check_model_folders, mergekit_config
 
 log = logging.getLogger("stages.merge_search")
@@ -167,7 +174,7 @@ class Search:
     scorer: Scorer
 
     def merge(self, recipe: MergeRecipe, out_dir: Path) -> dict[str, Any]:
-        """Merge with mergekit into out_dir (which must not exist); return the mergekit configuration."""
+        """Merge with mergekit into out_dir (made if missing); return the mergekit configuration."""
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
 
@@ -280,8 +287,13 @@ def write_best(search: Search, name: str, recipe: MergeRecipe, facts: dict[str, 
             YAML().dump(config, handle)
         (tmp / "README.md").write_text(model_card(name, recipe, config, facts))
         parents = [model_id(path) for path in search.experts.values()]
-        settings = {"recipe": recipe.model_dump(mode="json"), "dtype": search.dtype, "seed": search.run.seed,
-                    "search": {key: facts[key] for key in ("trials", "best_trial", "validation/best_exact_match")}}  # fmt: skip
+        found = {key: facts[key] for key in ("trials", "best_trial", "validation/best_exact_match")}
+        settings = {
+            "recipe": recipe.model_dump(mode="json"),
+            "dtype": search.dtype,
+            "seed": search.run.seed,
+            "search": found,
+        }
         write_lineage(tmp, "search", name, f"merge_search@{name}", parents, settings)
 
 

@@ -312,8 +312,9 @@ def paired_tests(models: dict[str, Model], pairs: list[Pair]) -> list[PairedTest
         a, b = outcomes[pair.key]
         only_a, only_b = discordant_counts(a, b)
         tests.append(
-            PairedTest(pair, Score.of(a), Score.of(b), only_a, only_b, len(a), p_values[pair.key], adjusted[pair.key],
-                       (a, b))  # fmt: skip
+            PairedTest(
+                pair, Score.of(a), Score.of(b), only_a, only_b, len(a), p_values[pair.key], adjusted[pair.key], (a, b)
+            )  # fmt: skip
         )
     return tests
 
@@ -768,7 +769,8 @@ def html_searches(results: dict[str, dict[str, Any]], tests: list[PairedTest]) -
     verdicts = "".join(f"<li>{inline_code(search_verdict(name, tests))}</li>" for name in results)
     rows = [[html.escape(cell) for cell in row] for row in run_rows(results)]
     table = html_table(["setting", *map(html.escape, results)], rows, "merge-search")
-    return f"<h2>Merge search</h2><p>{html.escape(search_intro(results))}</p><ul id='search-verdicts'>{verdicts}</ul>{table}"
+    intro = f"<p>{html.escape(search_intro(results))}</p>"
+    return f"<h2>Merge search</h2>{intro}<ul id='search-verdicts'>{verdicts}</ul>{table}"
 
 
 def read_trials(path: Path) -> tuple[list[int], list[float], list[float]]:
@@ -1129,7 +1131,8 @@ def run(
     }
     curves = {**curves, **trained}  # the runs that train have curves too
     write_text(
-        out_dir / "leaderboard.md", leaderboard_markdown(models, tests, selection, runs, seeds, pooled, seed_scores, searches)
+        out_dir / "leaderboard.md",
+        leaderboard_markdown(models, tests, selection, runs, seeds, pooled, seed_scores, searches),
     )
     images = []
     # dvc.yaml declares every plot: one that does not apply (no `skills` task, no MoE) is a note saying why

@@ -476,7 +476,10 @@ def test_the_data_stage_writes_the_files_check_expects(tmp_path):
         skills={"names": ["sorting", "counting"], "train_examples": 2, "eval_examples": 2, "validation_examples": 2},
         story_eval_examples=2,
     )
-    folders = {option: tmp_path / option.strip("-") for option in ("--corpus", "--sft", "--eval", "--validation", "--preference")}
+    folders = {
+        option: tmp_path / option.strip("-")
+        for option in ("--corpus", "--sft", "--eval", "--validation", "--preference")
+    }
     run(settings, *folders.values())
     for option, files in data_stage_files(settings).items():
         written = [path.relative_to(folders[option]).as_posix() for path in folders[option].rglob("*.*")]

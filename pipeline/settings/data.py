@@ -91,8 +91,11 @@ class SkillSettings(Section):
         200, ge=1, le=400, description="Held-out eval questions per skill (never in the SFT rows)."
     )
     validation_examples: int = Field(
-        100, ge=1, le=400, description="Validation questions per skill (data/validation): never an eval question; "
-        "what merge searches score their trials on, so that the eval items stay held out."
+        100,
+        ge=1,
+        le=400,
+        description="Validation questions per skill (data/validation): never an eval question; "
+        "what merge searches score their trials on, so that the eval items stay held out.",
     )
     choices: int = Field(4, ge=2, le=8, description="Answer options of the multiple-choice items (skills and stories).")
 

@@ -59,15 +59,20 @@ class SearchRun(Section):
     sampler: Literal["tpe", "cmaes", "random"] = Field(
         "tpe", description="Optuna's sampler: tpe (Tree-structured Parzen Estimator), cmaes (CMA-ES) or random."
     )
-    seed: NonNegativeInt = Field(0, description="Seed of the sampler and of the methods that drop parameters at "
-                                 "random (dare_*, della*): the same settings and seed give the same trials.")  # fmt: skip
+    seed: NonNegativeInt = Field(
+        0,
+        description="Seed of the sampler and of the methods that drop parameters at random (dare_*, della*): the "
+        "same settings and seed give the same trials.",
+    )
 
     @field_validator("methods")
     @classmethod
     def _methods_weigh_experts(cls, methods: list[str]) -> list[str]:
         unfit = [method for method in methods if method not in SEARCHABLE_METHODS]
         if unfit:
-            raise ValueError(f"{unfit} cannot be searched (no weight per expert); valid: {', '.join(SEARCHABLE_METHODS)}")
+            raise ValueError(
+                f"{unfit} cannot be searched (no weight per expert); valid: {', '.join(SEARCHABLE_METHODS)}"
+            )
         if len(set(methods)) != len(methods):
             raise ValueError(f"a method is listed twice: {methods}")
         return methods
