@@ -132,8 +132,10 @@ def open_study(path: Path, name: str) -> Any:
         storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
         return optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
     except Exception as error:  # sqlalchemy's or optuna's: a damaged or foreign file
-        raise InputError(f"{path} is not a readable Optuna study ({error}); move it away to start the search "
-                         "anew") from None  # fmt: skip
+        cause = str(error).splitlines()[0]  # sqlalchemy adds the SQL and a link on lines of their own
+        raise InputError(
+            f"{path} is not a readable Optuna study ({cause}); move it away to start the search anew"
+        ) from None
 
 
 @dataclass

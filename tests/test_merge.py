@@ -232,3 +232,12 @@ def test_a_stopped_merge_search_resumes_with_the_trials_of_an_unstopped_one(mode
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "best").num_parameters() > 0
     table = merge_search.trials_table(trials).splitlines()
     assert table[0].startswith("trial,exact_match,best,") and len(table) == 5
+
+
+def test_an_unreadable_study_file_is_named_in_one_line(tmp_path):
+    from stages import merge_search
+
+    (tmp_path / "study.db").write_text("not an SQLite file\n")
+    with pytest.raises(InputError, match=r"study.db is not a readable Optuna study \(.*\); move it away") as raised:
+        merge_search.open_study(tmp_path / "study.db", "s")
+    assert "\n" not in str(raised.value)
