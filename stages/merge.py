@@ -95,32 +95,45 @@ def check_model_folders(config: dict[str, Any]) -> None:
                 raise InputError(f"{shard} is truncated or corrupt ({problem}); {remake_hint(folder)}")
 
 
-def run(recipe_name: str, recipe: MergeRecipe, experts: dict[str, str], base_model: str | None,
-        dtype: str, seed: int, out_dir: Path) -> dict[str, Any]:  # fmt: skip
-    """Merge; write the model folder (weights, tokenizer, mergekit.yaml, README.md); return the config."""
+def validated(config: dict[str, Any], where: str) -> Any:
+    """mergekit's MergeConfiguration of `config`; an InputError naming `where` when mergekit rejects it."""
     from mergekit.config import MergeConfiguration
+
+    try:
+        return MergeConfiguration.model_validate(config)
+    except Exception as error:  # pydantic's ValidationError, or mergekit's own checks
+        raise InputError(f"{where}: mergekit rejects the configuration: {error}") from None
+
+
+def write_merge(merge_config: Any, config: dict[str, Any], seed: int, out_dir: Path) -> None:
+    """Merge through mergekit's Python API into out_dir (weights and the experts' tokenizer), seeded
+    so that the random-drop methods give the same bytes on a rerun, and save `config` beside them as
+    mergekit.yaml. The merge stage and the merge search's trials both merge here."""
     from mergekit.merge import MergeOptions, run_merge
 
-    config = mergekit_config(recipe, experts, base_model, dtype)
-    try:
-        merge_config = MergeConfiguration.model_validate(config)
-    except Exception as error:  # pydantic's ValidationError, or mergekit's own checks
-        raise InputError(f"merge.recipes.{recipe_name}: mergekit rejects the configuration: {error}") from None
-    check_model_folders(config)
-    log.info("merging %s with %s", ", ".join(experts), recipe.method)
     options = MergeOptions(
         copy_tokenizer=True,
         random_seed=seed,
         # mergekit's card writer takes a relative path such as models/pretrain for a hub id
-        # and goes online; this stage writes its own card
+        # and goes online; the stages write their own cards
         write_model_card=False,
         safe_serialization=True,
         quiet=True,
     )
+    run_merge(merge_config, out_path=str(out_dir), options=options)
+    with open(out_dir / "mergekit.yaml", "w") as handle:
+        YAML().dump(config, handle)
+
+
+def run(recipe_name: str, recipe: MergeRecipe, experts: dict[str, str], base_model: str | None,
+        dtype: str, seed: int, out_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Merge; write the model folder (weights, tokenizer, mergekit.yaml, README.md); return the config."""
+    config = mergekit_config(recipe, experts, base_model, dtype)
+    merge_config = validated(config, f"merge.recipes.{recipe_name}")
+    check_model_folders(config)
+    log.info("merging %s with %s", ", ".join(experts), recipe.method)
     with atomic_dir(out_dir) as tmp:
-        run_merge(merge_config, out_path=str(tmp), options=options)
-        with open(tmp / "mergekit.yaml", "w") as handle:
-            YAML().dump(config, handle)
+        write_merge(merge_config, config, seed, tmp)
         (tmp / "README.md").write_text(model_card(recipe_name, recipe, config))
         parents = [model_id(path) for path in experts.values()]
         write_lineage(tmp, "merge", recipe_name, f"merge@{recipe_name}", parents,

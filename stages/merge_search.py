@@ -58,7 +58,7 @@ from stages.eval import (
     skill_task_configs,
     write_task_files,
 )
-from stages.merge import check_model_folders, mergekit_config
+from stages.merge import check_model_folders, mergekit_config, validated, write_merge
 
 log = logging.getLogger("stages.merge_search")
 
@@ -176,15 +176,9 @@ class Search:
     scorer: Scorer
 
     def merge(self, recipe: MergeRecipe, out_dir: Path) -> dict[str, Any]:
-        """Merge with mergekit into out_dir (made if missing); return the mergekit configuration."""
-        from mergekit.config import MergeConfiguration
-        from mergekit.merge import MergeOptions, run_merge
-
+        """Merge as the merge stage does into out_dir (made if missing); return the mergekit configuration."""
         config = mergekit_config(recipe, self.experts, self.base_model, self.dtype)
-        options = MergeOptions(
-            copy_tokenizer=True, random_seed=self.run.seed, write_model_card=False, safe_serialization=True, quiet=True
-        )
-        run_merge(MergeConfiguration.model_validate(config), out_path=str(out_dir), options=options)
+        write_merge(validated(config, "the merge search's trial"), config, self.run.seed, out_dir)
         return config
 
     def score(self, trial: Any) -> float:
@@ -209,7 +203,8 @@ def run_trials(study: Any, search: Search, trials: int) -> None:
     and the error stops the stage."""
     import optuna
 
-    done = len(finished_trials(study, trials))
+    finished = finished_trials(study, trials)
+    done, best = len(finished), max((t.value for t in finished), default=0.0)
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     if done:
         log.info("the study holds %d completed trials of %d", done, trials)
@@ -227,7 +222,7 @@ def run_trials(study: Any, search: Search, trials: int) -> None:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         study.tell(trial, value)
-        best = max(t.value for t in finished_trials(study, trials))
+        best = max(best, value)
         log.info("trial %d: %s %.4f (best %.4f)", trial.number, OBJECTIVE, value, best)
         progress.update()
     progress.close()
@@ -281,12 +276,8 @@ def model_card(name: str, recipe: MergeRecipe, config: dict[str, Any], facts: di
 
 def write_best(search: Search, name: str, recipe: MergeRecipe, facts: dict[str, Any], out_dir: Path) -> None:
     """Merge the best recipe again into the output model folder, with its card and lineage."""
-    from ruamel.yaml import YAML
-
     with atomic_dir(out_dir) as tmp:
         config = search.merge(recipe, tmp)
-        with open(tmp / "mergekit.yaml", "w") as handle:
-            YAML().dump(config, handle)
         (tmp / "README.md").write_text(model_card(name, recipe, config, facts))
         parents = [model_id(path) for path in search.experts.values()]
         found = {key: facts[key] for key in ("trials", "best_trial", "validation/best_exact_match")}
@@ -328,8 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_environment()
     quiet_tools()
     # every input checked before the first trial: the folders a merge reads, the validation sets
-    check_model_folders(mergekit_config(MergeRecipe(method=run.methods[0], parameters={"weight": 1.0}), experts,
-                                        args.base_model, params.merge.dtype))  # fmt: skip
+    check_model_folders({"models": [{"model": path} for path in experts.values()], "base_model": args.base_model})
     skill_names(args.validation)
     eval_settings = {key: getattr(params.eval, key) for key in EVAL_KEYS}
     settings = {"run": run.model_dump(mode="json", exclude={"trials"}), "experts": names,

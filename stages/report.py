@@ -636,6 +636,7 @@ def leaderboard_markdown(
     pooled: list[PooledTest] | None = None,
     seed_scores: list[list[str]] | None = None,
     searches: dict[str, dict[str, Any]] | None = None,
+    search_verdicts: dict[str, str] | None = None,
 ) -> str:
     findings = "\n".join(f"- {finding(test)}" for test in tests) or f"- {NO_PAIRS}"
     pairs = markdown_table(PAIR_COLUMNS, [pair_row(test) for test in tests], left=2)
@@ -647,7 +648,7 @@ def leaderboard_markdown(
         f"otherwise).\n\n{markdown_scores(models, leaderboard_columns(models))}",
         selection_text(selection),
         f"## Paired tests\n\n{tests_description(tests)}\n\n{pairs}" if tests else "",
-        searches_markdown(searches or {}, tests),
+        searches_markdown(searches or {}, search_verdicts or {}),
         runs_markdown(runs or {}),
         f"## Every task/metric\n\n{markdown_scores(models, metric_names(models))}",
     ]
@@ -755,18 +756,18 @@ def search_intro(results: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def searches_markdown(results: dict[str, dict[str, Any]], tests: list[PairedTest]) -> str:
+def searches_markdown(results: dict[str, dict[str, Any]], verdicts: dict[str, str]) -> str:
     if not results:
         return ""
-    verdicts = "\n".join(f"- {search_verdict(name, tests)}" for name in results)
+    verdicts = "\n".join(f"- {verdicts[name]}" for name in results)
     table = markdown_table(["setting", *results], run_rows(results))
     return f"## Merge search\n\n{search_intro(results)}\n\n{verdicts}\n\n{table}"
 
 
-def html_searches(results: dict[str, dict[str, Any]], tests: list[PairedTest]) -> str:
+def html_searches(results: dict[str, dict[str, Any]], verdicts: dict[str, str]) -> str:
     if not results:
         return ""
-    verdicts = "".join(f"<li>{inline_code(search_verdict(name, tests))}</li>" for name in results)
+    verdicts = "".join(f"<li>{inline_code(verdicts[name])}</li>" for name in results)
     rows = [[html.escape(cell) for cell in row] for row in run_rows(results)]
     table = html_table(["setting", *map(html.escape, results)], rows, "merge-search")
     intro = f"<p>{html.escape(search_intro(results))}</p>"
@@ -1079,6 +1080,7 @@ def html_report(
     pooled: list[PooledTest] | None = None,
     seed_scores: list[list[str]] | None = None,
     searches: dict[str, dict[str, Any]] | None = None,
+    search_verdicts: dict[str, str] | None = None,
 ) -> str:
     findings = "".join(f"<li>{inline_code(finding(test))}</li>" for test in tests) or f"<li>{NO_PAIRS}</li>"
     figures = "".join(
@@ -1096,7 +1098,7 @@ def html_report(
 <p id="selection">{inline_code(selection_text(selection))}</p>
 <details><summary>Every task/metric</summary>{html_scores(models, metric_names(models), "all-metrics")}</details>
 {html_pairs(tests)}
-{html_searches(searches or {}, tests)}{html_runs(runs or {})}
+{html_searches(searches or {}, search_verdicts or {})}{html_runs(runs or {})}
 <h2>Plots</h2>{figures}
 <h2>Models</h2>{html_models(models)}
 </body></html>
@@ -1126,13 +1128,14 @@ def run(
     seed_scores = seed_rows(seeds) if len(seeds) > 1 else []  # once: a bootstrap per model
     runs = load_runs(runs_dir)
     searches = runs.pop(SEARCHES, {})  # a section of its own, with its verdict and curve
+    verdicts = {name: search_verdict(name, tests) for name in searches}  # once: a bootstrap each
     trained = {
         kind.runs_metrics: runs_dir / kind.runs_metrics for kind in KINDS if kind.trains and kind.runs_metrics in runs
     }
     curves = {**curves, **trained}  # the runs that train have curves too
     write_text(
         out_dir / "leaderboard.md",
-        leaderboard_markdown(models, tests, selection, runs, seeds, pooled, seed_scores, searches),
+        leaderboard_markdown(models, tests, selection, runs, seeds, pooled, seed_scores, searches, verdicts),
     )
     images = []
     # dvc.yaml declares every plot: one that does not apply (no `skills` task, no MoE) is a note saying why
@@ -1154,8 +1157,8 @@ def run(
         images.append(out_dir / "merge_search.png")
     else:
         plot_note("No merge search: merge_search.runs is empty.", out_dir / "merge_search.png")
-    write_text(out_dir / "index.html", html_report(models, tests, images, selection, runs, seeds, pooled, seed_scores,
-                                                        searches))  # fmt: skip
+    page = html_report(models, tests, images, selection, runs, seeds, pooled, seed_scores, searches, verdicts)
+    write_text(out_dir / "index.html", page)
     # Model folders belong to the stages that made them, so the cards with eval results live here.
     for model in models.values():
         write_text(out_dir / "cards" / f"{model.id}.md", model_card(model))
